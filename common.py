@@ -1,0 +1,1076 @@
+"""Plumbing shared by the single-file self-supervised trainers (simsiam.py, ...).
+
+Only what every method needs in the same form lives here; everything an algorithm does (its augmentation
+recipe, heads, loss, EMA, queue, ...) stays in its own file. Sections, in order:
+
+    errors      UserError and `run`: bad input ends with one clear line, never a traceback
+    data        built-in shapes, CIFAR-10/100, STL-10, Fashion-MNIST, image folders
+    augment     per-sample random crop/flip/colour/blur/solarize as batched tensor ops on the device
+    loaders     TrainLoader (augmented views per step, exact mid-epoch resume) and feature extraction
+    backbones   torchvision ResNets (optional CIFAR stem), a ViT written with einops, a tiny CPU test net
+    evaluation  weighted kNN (InstDisc), linear probe on frozen features, collapse diagnostic
+    plumbing    torchrun setup, schedules, LARS, checkpoints, metrics and the progress line
+
+Evaluate any exported backbone (kNN + linear probe):
+    python common.py --backbone runs/simsiam-cifar10/backbone.pt --data cifar10
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from einops import rearrange
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ERRORS
+# ----------------------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem with what the user asked for; `run` prints it as one line and exits with status 2."""
+
+
+def run(main):
+    """Call main(); a UserError ends the process with `error: <message>` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DATA
+# ----------------------------------------------------------------------------------------------------------------
+DATASETS = ("builtin", "cifar10", "cifar100", "stl10", "fashion-mnist")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist package
+BUILTIN_SEED, BUILTIN_TRAIN, BUILTIN_TEST = 0, 10_000, 2_000
+SMALL_IMAGE = 96  # images up to this side use the small-image (CIFAR-scale) recipe of each method
+
+
+@dataclass
+class Split:
+    """One split: `images` uint8 (N, 3, H, W) on the training device (small data sets) or `files` (folders)."""
+
+    labels: torch.Tensor  # (N,) int64; -1 where unlabeled
+    images: torch.Tensor | None = None
+    files: list | None = None
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class Data:
+    name: str
+    image_size: int  # side of the stored images (of the first image, for folders)
+    num_classes: int
+    mean: tuple
+    std: tuple
+    train: Split  # what the self-supervised loss trains on
+    bank: Split  # labeled training images: the kNN memory and the linear probe's training set
+    test: Split | None  # held-out evaluation images (None: an image folder without val/)
+
+
+def load_data(name, data_dir="data", device="cpu"):
+    """Resolve --data: a name from DATASETS or an image folder. Small sets are moved to `device` as uint8."""
+    if name == "builtin":
+        train, test = make_builtin(BUILTIN_TRAIN, BUILTIN_SEED), make_builtin(BUILTIN_TEST, BUILTIN_SEED + 1)
+        splits, classes = (train, train, test), 10
+    elif name in ("cifar10", "cifar100"):
+        splits, classes = _read_cifar(name, Path(data_dir)), int(name[5:])
+    elif name == "stl10":
+        splits, classes = _read_stl10(Path(data_dir)), 10
+    elif name == "fashion-mnist":
+        splits, classes = _read_fashion_mnist(Path(data_dir)), 10
+    else:
+        return _scan_folder(Path(name))
+    train, bank, test = [Split(labels=y, images=x.to(device)) for x, y in splits]
+    # Per-channel statistics of the training images, for input normalisation (as CIFAR trainers do).
+    mean = tuple(train.images[:10_000].float().mean(dim=(0, 2, 3)).div(255).tolist())
+    std = tuple(train.images[:10_000].float().std(dim=(0, 2, 3)).div(255).tolist())
+    return Data(name, train.images.shape[-1], classes, mean, std, train, bank, test)
+
+
+def make_builtin(n, seed, size=32):
+    """The built-in data set: ten shape classes (disk, ring, square, frame, triangle, plus, diamond, bars,
+    half disk, L). An image shows three copies of its class's shape, each with its own random position, size,
+    small rotation and light colour, over a dark background tinted by random low-frequency colour blobs; so
+    neither colour nor position tells the class, and pixel-space kNN stays near 26%. Several copies make the
+    class visible in most random crops, which is what lets a self-supervised method learn it. Deterministic in
+    `seed`. Returns uint8 images (n, 3, size, size) and int64 labels (n,), 10% per class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(n, generator=g) % 10
+    return torch.cat([_draw_shapes(y, g, size) for y in labels.split(1000)]), labels  # chunks: stay in cache
+
+
+SHAPES = [  # implicit shapes in a unit frame (u, v): disk, ring, square, frame, triangle, plus, diamond, bars,
+    # half disk, L
+    lambda u, v: u * u + v * v < 1,
+    lambda u, v: ((u * u + v * v) > 0.3) & (u * u + v * v < 1),
+    lambda u, v: torch.maximum(u.abs(), v.abs()) < 0.8,
+    lambda u, v: (torch.maximum(u.abs(), v.abs()) > 0.45) & (torch.maximum(u.abs(), v.abs()) < 0.85),
+    lambda u, v: (v < 0.75) & (u.abs() < 0.56 * (v + 0.95)),
+    lambda u, v: ((u.abs() < 0.28) & (v.abs() < 0.95)) | ((v.abs() < 0.28) & (u.abs() < 0.95)),
+    lambda u, v: u.abs() + v.abs() < 1,
+    lambda u, v: (v.abs() > 0.2) & (v.abs() < 0.6) & (u.abs() < 0.9),
+    lambda u, v: (u * u + v * v < 1) & (v < 0.1),
+    lambda u, v: ((u > -0.85) & (u < -0.35) & (v.abs() < 0.9)) | ((v > 0.4) & (v < 0.9) & (u.abs() < 0.85)),
+]
+
+
+def _draw_shapes(labels, g, size, copies=3):
+    n, s = len(labels), 2 * size  # masks are drawn at 2x and averaged: anti-aliased edges
+    rand = lambda *shape: torch.rand(*shape, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    order = labels.argsort()  # images grouped by class: each shape is drawn on one contiguous slice
+    bounds = torch.cumsum(torch.bincount(labels, minlength=len(SHAPES)), 0).tolist()
+    blobs = F.interpolate(rand(n, 3, 4, 4) - 0.5, size=(size, size), mode="bilinear")
+    img = 0.35 * rand(n, 1, 1, 1) + 0.4 * blobs  # dark background, random colour blobs
+    for _ in range(copies):
+        cx, cy = [(0.1 + 0.8 * rand(n, 1, 1)) * s for _ in range(2)]
+        r = (0.12 + 0.1 * rand(n, 1, 1)) * s
+        th = (rand(n, 1, 1) - 0.5) * 0.7  # +-20 degrees: more would turn plus into X and square into diamond
+        cos, sin = (th.cos() / r)[order], (th.sin() / r)[order]
+        dx, dy = xx - cx[order], yy - cy[order]
+        u, v = dx * cos + dy * sin, dy * cos - dx * sin
+        mask = torch.cat([shape(u[a:b], v[a:b]) for shape, a, b in zip(SHAPES, [0] + bounds, bounds)]).float()
+        alpha = torch.empty(n, 1, size, size)
+        alpha[order] = F.avg_pool2d(mask.unsqueeze(1), 2)  # coverage of each pixel by this copy
+        img = img + alpha * (0.4 + 0.6 * rand(n, 3, 1, 1) - img)  # a light random colour per copy, on top
+    img = img + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _missing(name, root, files, hint):
+    raise UserError(f"{name} not found: expected {', '.join(files)} under {root} ({hint})")
+
+
+def _download(name, root):
+    """Fetch a torchvision data set into root (first use only); an offline machine gets a clear message."""
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+    try:
+        if cls is None:
+            torchvision.datasets.STL10(str(root), split="train+unlabeled", download=True)
+        else:
+            cls(str(root), download=True)
+    except Exception as e:  # noqa: BLE001 (network errors come in many types)
+        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); "
+                        f"copy the data set there by hand or pass --data-dir") from None
+
+
+def _read_cifar(name, root):
+    """CIFAR-10/100 in torchvision's on-disk format (python pickles); downloaded into root if missing."""
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    parts = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
+    if not all((folder / p).exists() for p in sum(parts, [])):
+        _download(name, root)
+    key = b"labels" if name == "cifar10" else b"fine_labels"
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            with open(folder / f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(torch.as_tensor(d[b"data"]).reshape(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d[key]))
+        return torch.cat(xs), torch.cat(ys).long()
+
+    train, test = read(parts[0]), read(parts[1])
+    return train, train, test
+
+
+def _read_stl10(root):
+    """STL-10 binaries (torchvision's layout): SSL trains on train+unlabeled (105k), kNN/probe use the labeled 5k."""
+    folder = root / "stl10_binary"
+    names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"]
+    if not all((folder / f).exists() for f in names):
+        _download("stl10", root)
+
+    def images(f):  # stored column-major: (N, 3, W, H)
+        raw = torch.frombuffer(bytearray((folder / f).read_bytes()), dtype=torch.uint8)
+        return raw.reshape(-1, 3, 96, 96).transpose(2, 3).contiguous()
+
+    def labels(f):
+        return torch.frombuffer(bytearray((folder / f).read_bytes()), dtype=torch.uint8).long() - 1
+
+    bank = images("train_X.bin"), labels("train_y.bin")
+    unlabeled = images("unlabeled_X.bin")
+    train = torch.cat([bank[0], unlabeled]), torch.cat([bank[1], torch.full((len(unlabeled),), -1)])
+    return train, bank, (images("test_X.bin"), labels("test_y.bin"))
+
+
+def _read_idx(path):
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+def _read_fashion_mnist(root):
+    """Fashion-MNIST IDX files from --data-dir or Debian's package; 28x28 grey, repeated to 3 channels."""
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for folder in (root / "fashion-mnist", root, *map(Path, FASHION_MNIST_DIRS)):
+        found = [next((folder / (n + s) for s in (".gz", "") if (folder / (n + s)).exists()), None) for n in names]
+        if all(found):
+            x, y, xt, yt = map(_read_idx, found)
+            train = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), y.long()
+            return train, train, (xt.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), yt.long())
+    _missing("fashion-mnist", f"{root}/fashion-mnist, {root} or {FASHION_MNIST_DIRS[0]}", names,
+             "apt-get install dataset-fashion-mnist, or copy the IDX files there")
+
+
+def _scan_folder(root):
+    """An ImageNet-style folder: root/train/<class>/<image> (or root/<class>/<image>), root/val/<class>/<image>."""
+    if not root.exists():
+        raise UserError(f"--data {root}: no such folder; pass an image folder (DIR/train/<class>/<image>) "
+                        f"or one of {', '.join(DATASETS)}")
+    if not root.is_dir():
+        raise UserError(f"--data {root} is a file; pass a folder laid out as DIR/train/<class>/<image>")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = [f for f in train_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        raise UserError(f"{train_dir} has no class subfolders" + (
+            f" ({len(loose)} images lie in it directly); put them in one subfolder per class, "
+            f"DIR/train/<class>/<image> (a single subfolder for unlabeled images)" if loose else
+            " and no images; expected DIR/train/<class>/<image>"))
+
+    def scan(d):
+        files = []
+        for label, c in enumerate(classes):
+            if (d / c).is_dir():
+                files += [(str(p), label) for p in sorted((d / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        return files
+
+    train_files = scan(train_dir)
+    if not train_files:
+        raise UserError(f"{train_dir} holds {len(classes)} class folders but no images "
+                        f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    val_files = scan(root / "val") if (root / "val").is_dir() else []
+    from PIL import Image  # the side of the first image picks the recipe (ImageNet-scale or small-image)
+
+    try:
+        with Image.open(train_files[0][0]) as im:
+            side = max(im.size)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read image {train_files[0][0]} ({e}); delete or replace it") from None
+    labels = lambda fs: torch.tensor([y for _, y in fs], dtype=torch.long)  # noqa: E731
+    train = Split(labels(train_files), files=train_files)
+    test = Split(labels(val_files), files=val_files) if val_files else None
+    return Data(str(root), side, len(classes), IMAGENET_MEAN, IMAGENET_STD, train, train, test)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AUGMENT
+# Each op takes a float batch (B, 3, H, W) in [0, 1] and per-sample parameters (tensors of shape (B,)), and equals
+# torchvision's functional op applied to each image with that image's parameters (tests/test_augment.py).
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewAug:
+    """The augmentation recipe of one view; method files declare theirs. Probabilities are per image."""
+
+    size: int  # output side in pixels
+    scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def sample_crops(n, height, width, scale, ratio, gen, device="cpu"):
+    """RandomResizedCrop.get_params for n images at once: 10 tries of (area, log-ratio), the first that fits,
+    else a centre crop clamped to `ratio`. Returns int64 tensors top, left, h, w of shape (n,)."""
+    area = height * width
+    target = area * torch.empty(n, 10, device=device).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(n, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    w = (target * log_r.exp()).sqrt().round().long()
+    h = (target / log_r.exp()).sqrt().round().long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.long().argmax(1, keepdim=True)  # index of the first try that fits
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+    in_ratio = width / height  # fallback: the whole image, cut to the allowed aspect ratio
+    fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
+    fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    u = torch.rand(2, n, device=device, generator=gen)
+    top = torch.where(found, (u[0] * (height - h + 1)).long(), (height - h) // 2)
+    left = torch.where(found, (u[1] * (width - w + 1)).long(), (width - w) // 2)
+    return top, left, h, w
+
+
+def _resize_matrix(start, length, in_size, out_size):
+    """(B, out, in) weights of antialiased bilinear resampling of pixels [start, start+length) to out_size pixels:
+    the triangle filter of torch's interpolate(antialias=True), widened by the scale when shrinking."""
+    scale = (length.float() / out_size)[:, None, None]
+    center = scale * (torch.arange(out_size, device=start.device)[None, :, None] + 0.5)
+    rel = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]
+    inv = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    w = (1 - (rel + 0.5 - center).abs() * inv).clamp(min=0)
+    w = w * ((rel >= 0) & (rel < length[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crop(x, top, left, h, w, size, flip=None):
+    """Crop each image to its box and resize it to size x size (TF.resized_crop, antialias=True), mirrored where
+    `flip` is True. Written as two batched matrix products: rows Wy (B,S,H), columns Wx (B,S,W)."""
+    wy = _resize_matrix(top, h, x.shape[-2], size)
+    wx = _resize_matrix(left, w, x.shape[-1], size)
+    if flip is not None:  # mirroring the output columns is free here: reverse the rows of Wx
+        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
+    return wy.unsqueeze(1) @ x @ wx.unsqueeze(1).transpose(-1, -2)
+
+
+def _b(t):  # per-sample parameter (B,) -> broadcastable over (B, C, H, W)
+    return t.view(-1, 1, 1, 1)
+
+
+def grayscale(x):
+    """ITU-R 601-2 luma (TF.rgb_to_grayscale), as (B, 1, H, W)."""
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def adjust_brightness(x, f):
+    return (_b(f) * x).clamp(0, 1)
+
+
+def adjust_contrast(x, f):
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (_b(f) * x + (1 - _b(f)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, f):
+    return (_b(f) * x + (1 - _b(f)) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the HSV hue by `shift` turns (TF.adjust_hue). Hue from the max channel; back to RGB with the
+    closed form channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)
+    v, vmin = x.amax(1), x.amin(1)
+    c = v - vmin
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(c > 0, h, torch.zeros_like(h)) + 6 * shift.view(-1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h.unsqueeze(1), 6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with reflect padding (TF.gaussian_blur), one sigma per image; sigma <= 0 leaves
+    the image unchanged (a delta kernel)."""
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)
+    k = torch.where((sigma > 0)[:, None], k, (t == 0).float())
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(x.shape[1], 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, -1, *x.shape[2:]), [kernel_size // 2] * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=k.shape[0])
+    y = F.conv2d(y, k[:, None, :, None], groups=k.shape[0])
+    return y.reshape(x.shape)
+
+
+def solarize(x, apply):
+    """Invert pixels >= 0.5 (TF.solarize at threshold 0.5) in the images where `apply` is True."""
+    return torch.where(_b(apply) & (x >= 0.5), 1 - x, x)
+
+
+def sample_jitter(n, strengths, p, gen, device="cpu"):
+    """ColorJitter.get_params per image: factors U[1-s, 1+s] (brightness, contrast, saturation), hue U[-h, h],
+    a random order of the four ops, all replaced by the identity where the jitter is not applied (prob. 1-p)."""
+    u = torch.rand(5, n, device=device, generator=gen)
+    apply = u[4] < p
+    factors = torch.stack([(1 + s * (2 * u[i] - 1)).clamp(min=0) for i, s in enumerate(strengths[:3])])
+    factors = torch.where(apply, factors, torch.ones_like(factors))  # (3, n)
+    hue = torch.where(apply, strengths[3] * (2 * u[3] - 1), torch.zeros_like(u[3]))  # (n,)
+    order = torch.rand(n, 4, device=device, generator=gen).argsort(1)  # (n, 4): op index at each position
+    return factors, hue, order
+
+
+def apply_jitter(x, factors, hue, order):
+    """The four ops in each image's own order: at each position every op runs, with the identity factor
+    wherever it is not that image's op at that position (exact: those ops then return their input)."""
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation)
+    for pos in range(4):
+        for i, op in enumerate(ops):
+            x = op(x, torch.where(order[:, pos] == i, factors[i], torch.ones_like(factors[i])))
+        x = torch.where(_b(order[:, pos] == 3) & _b(hue != 0), adjust_hue(x, hue), x)
+    return x
+
+
+def augment(x, view, gen, crop=True):
+    """One view of a uint8 batch (B, 3, H, W) on the device: crop + flip (unless the loader already cropped),
+    colour jitter, grayscale, blur, solarize; float in [0, 1]. Every parameter is drawn per image from `gen`."""
+    n, dev = len(x), x.device
+    x = x.float() / 255
+    if crop:
+        top, left, h, w = sample_crops(n, x.shape[-2], x.shape[-1], view.scale, view.ratio, gen, dev)
+        flip = torch.rand(n, device=dev, generator=gen) < view.flip_p
+        x = resized_crop(x, top, left, h, w, view.size, flip).clamp(0, 1)
+    if view.jitter_p > 0:
+        x = apply_jitter(x, *sample_jitter(n, view.jitter, view.jitter_p, gen, dev))
+    if view.gray_p > 0:
+        x = torch.where(_b(torch.rand(n, device=dev, generator=gen) < view.gray_p), grayscale(x).expand_as(x), x)
+    if view.blur_p > 0:
+        u = torch.rand(2, n, device=dev, generator=gen)
+        sigma = view.blur_sigma[0] + (view.blur_sigma[1] - view.blur_sigma[0]) * u[0]
+        x = gaussian_blur(x, torch.where(u[1] < view.blur_p, sigma, torch.zeros_like(sigma)), blur_kernel(view.size))
+    if view.solarize_p > 0:
+        x = solarize(x, torch.rand(n, device=dev, generator=gen) < view.solarize_p)
+    return x
+
+
+def blur_kernel(size):
+    """Odd kernel side of about 10% of the image (SimCLR/BYOL): 23 px at 224, 3 px at 32."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def normalize(x, data):
+    """Float [0, 1] -> standardised input in channels_last memory (the layout convolutions run fastest in)."""
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LOADERS
+# ----------------------------------------------------------------------------------------------------------------
+def epoch_order(n, seed, epoch):
+    """The global data order of an epoch: one permutation shared by all ranks (from the seed, not seed + rank)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _decode(path):
+    """A file as uint8 (3, H, W); (None, reason) when it cannot be decoded."""
+    try:
+        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB), None
+    except Exception:  # noqa: BLE001 (unsupported by torchvision's decoders: try PIL)
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return TF.pil_to_tensor(im.convert("RGB")), None
+        except Exception as e:  # noqa: BLE001
+            return None, f"{path} ({type(e).__name__}: {e})"
+
+
+class _FolderViews(torch.utils.data.Dataset):
+    """DataLoader workers decode an image and random-resize-crop + flip it for each view, as uint8; the colour
+    ops run batched on the device. Crop randomness comes from a per-item seed, so a resumed epoch is identical."""
+
+    def __init__(self, files, views):
+        self.files, self.views = files, views
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, item_seed = item
+        img, err = _decode(self.files[index][0])
+        if img is None:
+            return [torch.zeros(3, v.size, v.size, dtype=torch.uint8) for v in self.views], err
+        g = torch.Generator().manual_seed(item_seed)
+        crops = []
+        for v in self.views:
+            top, left, h, w = (int(t) for t in sample_crops(1, img.shape[1], img.shape[2], v.scale, v.ratio, g))
+            crop = TF.resized_crop(img, top, left, h, w, [v.size, v.size], antialias=True)
+            crops.append(crop.flip(-1) if torch.rand(1, generator=g).item() < v.flip_p else crop)
+        return crops, ""
+
+
+class _FolderEval(torch.utils.data.Dataset):
+    """Resize the short side to size*256/224 and centre-crop `size` (the standard evaluation transform)."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        img, err = _decode(self.files[index][0])
+        if img is None:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), err
+        img = TF.resize(img, round(self.size * 256 / 224), antialias=True)
+        return TF.center_crop(img, [self.size, self.size]), ""
+
+
+def _check_decoded(errors):
+    bad = [e for e in errors if e]
+    if bad:
+        raise UserError(f"cannot decode image {bad[0]}; delete or replace the file")
+
+
+class TrainLoader:
+    """Per step, this rank's share of the global batch as a list of augmented, normalised views on the
+    device. Small data sets are indexed on the device; folders go through DataLoader workers. `epoch(e, start)`
+    restarts anywhere: the order comes from (seed, epoch) and the augmentation state from `self.gen`."""
+
+    def __init__(self, data, views, batch_size, env, seed, workers=8):
+        n = len(data.train)
+        if batch_size % env.world_size:
+            raise UserError(f"--batch-size {batch_size} is not divisible by the {env.world_size} processes")
+        if batch_size > n:
+            raise UserError(f"--batch-size {batch_size} is larger than the data set ({n} images); "
+                            f"lower --batch-size")
+        self.data, self.views, self.env, self.seed = data, views, env, seed
+        self.batch_size, self.per_rank, self.steps = batch_size, batch_size // env.world_size, n // batch_size
+        self.gen = torch.Generator(env.device).manual_seed(seed + env.rank)  # augmentation RNG, seed + rank
+        self.loader = None
+        if data.train.images is None:
+            self.items = []  # (index, item seed) of this epoch, read by the sampler in the main process
+            self.loader = torch.utils.data.DataLoader(
+                _FolderViews(data.train.files, views), batch_size=self.per_rank, sampler=_ListSampler(self),
+                num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=True,
+                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self):
+        return self.steps
+
+    def indices(self, epoch):
+        """This rank's image indices for each step of an epoch: its slice of global batch s of the epoch order."""
+        order, lo = epoch_order(len(self.data.train), self.seed, epoch), self.env.rank * self.per_rank
+        return [order[s * self.batch_size + lo : s * self.batch_size + lo + self.per_rank] for s in range(self.steps)]
+
+    def epoch(self, epoch, start=0):
+        mine = self.indices(epoch)
+        if self.loader is None:
+            for idx in mine[start:]:
+                x = self.data.train.images[idx.to(self.env.device, non_blocking=True)]
+                yield [normalize(augment(x, v, self.gen), self.data) for v in self.views]
+            return
+        base = (self.seed * 1_000_003 + epoch) * 10_000_019
+        self.items = [(int(i), base + int(i)) for idx in mine[start:] for i in idx]
+        for crops, errors in self.loader:
+            _check_decoded(errors)
+            yield [normalize(augment(c.to(self.env.device, non_blocking=True), v, self.gen, crop=False), self.data)
+                   for c, v in zip(crops, self.views)]
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner.items)
+
+    def __len__(self):
+        return len(self.owner.items)
+
+
+@torch.no_grad()
+def extract_features(model, split, data, env, size, batch_size=256, workers=8, autocast=nullcontext):
+    """model(x) for every image of a split (no augmentation), in order, on every rank: each rank embeds the
+    images rank, rank + W, rank + 2W, ... and an all_gather puts them back in order."""
+    n, world = len(split), env.world_size
+    idx = torch.arange(env.rank, n, world)
+    idx = torch.cat([idx, idx[-1:].expand(math.ceil(n / world) - len(idx))])  # equal lengths for all_gather
+    was_training = model.training
+    model.eval()
+    feats = []
+    if split.images is not None:
+        for chunk in idx.split(batch_size):
+            x = split.images[chunk.to(env.device)].float() / 255
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            with autocast():
+                feats.append(model(normalize(x, data)).float())
+    else:
+        loader = torch.utils.data.DataLoader(
+            _FolderEval(split.files, size), batch_size=batch_size, sampler=idx.tolist(), num_workers=workers,
+            pin_memory=env.device.type == "cuda")
+        for x, errors in loader:
+            _check_decoded(errors)
+            with autocast():
+                feats.append(model(normalize(x.to(env.device).float() / 255, data)).float())
+    model.train(was_training)
+    feats = torch.cat(feats)
+    if world > 1:
+        gathered = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(gathered, feats)
+        feats = torch.stack(gathered, 1).flatten(0, 1)  # row l*W + r came from rank r: the original order
+    return feats[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BACKBONES
+# Each returns pooled features (B, out_dim); `out_dim` is an attribute.
+# ----------------------------------------------------------------------------------------------------------------
+RESNETS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
+           "resnet50": torchvision.models.resnet50}
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}  # dim, depth, heads
+ARCHS = (*RESNETS, *VITS, "tiny")
+
+
+def build_backbone(arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None,
+                   patch_size=None):
+    """ResNets from torchvision (with the CIFAR stem when `small`), ViTs (patch 4 for small images, else 16),
+    or the tiny CPU test net."""
+    if arch in RESNETS:
+        return resnet(arch, small, zero_init_residual, in_channels, norm_layer)
+    if arch in VITS:
+        dim, depth, heads = VITS[arch]
+        return ViT(image_size, patch_size or (4 if small else 16), dim, depth, heads, in_channels=in_channels)
+    if arch == "tiny":
+        return TinyNet(in_channels)
+    raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
+
+
+def resnet(arch, small=False, zero_init_residual=False, in_channels=3, norm_layer=None):
+    """torchvision's ResNet without its classifier (fc = Identity), so that its state_dict loads into
+    torchvision.models.<arch>() with only fc missing. CIFAR stem: 3x3 stride-1 conv1 and no max-pool."""
+    net = RESNETS[arch](zero_init_residual=zero_init_residual, norm_layer=norm_layer)
+    if small or in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits
+    if small:
+        net.maxpool = nn.Identity()
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+class TinyNet(nn.Module):
+    """Four 3x3 conv-BN-ReLU layers (stride 2, 1, 2, 2; 0.4M parameters; 256-d output) for CPU tests and the
+    CPU demo only: not a research backbone. About 80x faster than the CIFAR ResNet-18 on a 2-core CPU."""
+
+    def __init__(self, in_channels=3, width=32):
+        super().__init__()
+        layers, c = [], in_channels
+        for out, stride in zip((width, 2 * width, 4 * width, 8 * width), (2, 1, 2, 2)):
+            layers += [nn.Conv2d(c, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            c = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = c
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., arXiv:2010.11929) returning the final-norm CLS token.
+    `sincos_pos`: a fixed 2-D sine-cosine position embedding instead of a learned one (MoCo v3)."""
+
+    def __init__(self, image_size, patch_size, dim, depth, heads, mlp_ratio=4.0, in_channels=3, sincos_pos=False):
+        super().__init__()
+        if image_size % patch_size:
+            raise UserError(f"image size {image_size} is not a multiple of the ViT patch size {patch_size}")
+        grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim), requires_grad=not sincos_pos)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.out_dim = dim
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if sincos_pos:
+            self.pos_embed.data[0, 1:] = sincos_2d(grid, dim)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+
+def sincos_2d(grid, dim, temperature=10_000.0):
+    """Fixed 2-D sine-cosine position embedding (grid*grid, dim): half the channels encode x, half y."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float) / (dim // 4))
+    out_x, out_y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega
+    return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], 1)
+
+
+def backbone_from_state_dict(sd, image_size):
+    """Rebuild the backbone an exported backbone.pt came from, reading the architecture off its weights."""
+    if "conv1.weight" in sd:
+        depth = max(int(k.split(".")[1]) for k in sd if k.startswith("layer3.")) + 1
+        arch = "resnet50" if "layer1.0.conv3.weight" in sd else {2: "resnet18", 6: "resnet34"}.get(depth)
+        if arch is None:
+            raise UserError(f"backbone with {depth} blocks in layer3 is not resnet18/34/50")
+        return resnet(arch, small=sd["conv1.weight"].shape[-1] == 3, in_channels=sd["conv1.weight"].shape[1])
+    if "patch_embed.weight" in sd:
+        dim, c, p, _ = sd["patch_embed.weight"].shape
+        depth = max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")) + 1
+        return ViT(image_size, p, dim, depth, dim // 64, in_channels=c)
+    if "features.0.weight" in sd:
+        return TinyNet(sd["features.0.weight"].shape[1], sd["features.0.weight"].shape[0])
+    raise UserError("this file is not a backbone.pt written by these trainers (unknown weight names)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EVALUATION
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, env=None, chunk=512):
+    """Weighted kNN (InstDisc, Wu et al. 2018, Sec. 3.4): cosine similarity to every training feature, the top k
+    vote for their class with weight exp(s / t). Test rows are split across ranks; correct counts are summed."""
+    keep = train_y >= 0  # unlabeled training images cannot vote
+    train_f, train_y = F.normalize(train_f[keep].float(), dim=1), train_y[keep].to(train_f.device)
+    test_f, test_y = F.normalize(test_f.float(), dim=1), test_y.to(test_f.device)
+    rank, world = (env.rank, env.world_size) if env else (0, 1)
+    correct = torch.zeros((), device=test_f.device)
+    k = min(k, len(train_f))
+    for rows in torch.arange(rank, len(test_f), world, device=test_f.device).split(chunk):
+        sim, idx = (test_f[rows] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(rows), num_classes, device=test_f.device)
+        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == test_y[rows]).sum()
+    if world > 1:
+        dist.all_reduce(correct)
+    return correct.item() / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=1024, lr=0.4, seed=0):
+    """Top-1 of a linear classifier on frozen, precomputed features (no augmentation): features standardised
+    with the training mean/std (a BatchNorm without affine, as MoCo v3/MAE put before their probes), then
+    cross-entropy with Nesterov SGD (momentum 0.9, no weight decay) and a per-step cosine schedule. The same
+    seed gives the same classifier on every rank, so no communication is needed."""
+    keep = train_y >= 0
+    train_f, train_y = train_f[keep].float(), train_y[keep].to(train_f.device)
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f.float() - mean) / std
+    g = torch.Generator(train_f.device).manual_seed(seed)
+    head = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    bs = min(batch_size, len(train_f))
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    steps, step = epochs * (len(train_f) // bs), 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
+            for idx in perm[: len(perm) // bs * bs].view(-1, bs):
+                opt.param_groups[0]["lr"] = cosine_lr(step, steps, lr)
+                loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    with torch.no_grad():
+        return (head(test_f).argmax(1) == test_y.to(test_f.device)).float().mean().item()
+
+
+def collapse_std(z):
+    """SimSiam Sec. 4.1 / Fig. 2: std over the batch of the L2-normalised outputs, averaged over dimensions.
+    About 1/sqrt(d) for a well-spread output, 0 for a collapsed one (every image mapped to one vector)."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PLUMBING
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(device="auto", seed=0):
+    """torchrun (RANK in the environment) -> a process group: NCCL on GPUs, gloo on CPUs; else a plain process.
+    The global seed is the same on every rank, so every rank builds identical initial weights."""
+    want_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no GPU; use --device cpu or auto")
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    dev = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside bf16 autocast
+    torch.manual_seed(seed)
+    return Env(rank, world, local, dev)
+
+
+def autocast_for(env, dtype):
+    """`--dtype auto`: bf16 autocast on CUDA (no GradScaler needed, unlike fp16), float32 on CPU."""
+    if dtype == "float32" or (dtype == "auto" and env.device.type != "cuda"):
+        return nullcontext
+    return lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)
+
+
+def pick_recipe(recipes, data, env, args):
+    """Fill every flag left at None from the method's recipe: 'small' (CIFAR-scale) for images up to
+    SMALL_IMAGE px, else 'imagenet'; with the built-in data also 'builtin' (a few-minute demo), and on a CPU the
+    tiny backbone. Returns the recipe's name."""
+    name = "small" if data.image_size <= SMALL_IMAGE else "imagenet"
+    recipe = dict(recipes[name])
+    if data.name == "builtin":
+        recipe.update(recipes["builtin"])
+        if env.device.type == "cpu":
+            recipe["arch"] = "tiny"
+    recipe.setdefault("image_size", data.image_size if name == "small" else 224)
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return name
+
+
+def cosine_lr(step, total, base, warmup=0, final=0.0):
+    """Linear warmup from 0 over `warmup` steps, then half a cosine from `base` to `final` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model, weight_decay, exclude_norm_bias=True):
+    """Two groups: weights with decay, and biases/norm parameters (ndim <= 1) without decay or LARS adaptation
+    (SimCLR/BYOL exclude `bias` and batch-norm variables; MoCo v3 excludes ndim <= 1)."""
+    decay, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (rest if exclude_norm_bias and p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rates (You et al., arXiv:1708.03888). For each tensor:
+    g <- g + wd*w; g <- g * eta*||w|| / ||g|| (1 where either norm is 0); v <- m*v + g; w <- w - lr*v.
+    Groups with `lars_exclude` skip the trust ratio (and have wd 0 from `param_groups`). No host syncs."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    w_norm, g_norm = p.norm(), g.norm()
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                    g = g.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+
+
+# Flags that may differ when a run is resumed; every other entry of the config must match the checkpoint.
+RUNTIME_FLAGS = ("resume", "output_dir", "data_dir", "workers", "device", "max_steps", "compile", "log_every",
+                 "eval_every")
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a truncated file behind."""
+    tmp = Path(f"{path}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, method, config):
+    """Read ckpt.pt and refuse, with one clear line, a checkpoint of another method or config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        raise UserError(f"--resume {path}: not a checkpoint written by these trainers")
+    if ckpt["method"] != method:
+        raise UserError(f"--resume {path} is a {ckpt['method']} checkpoint; this is {method}.py")
+    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in RUNTIME_FLAGS
+            and config.get(k) != ckpt["config"].get(k)]
+    if diff:
+        was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in diff)
+        now = ", ".join(f"{k}={config.get(k)!r}" for k in diff)
+        raise UserError(f"--resume {path} was trained with {was}, but this run has {now}; "
+                        f"pass the same settings or start a new --output-dir")
+    return ckpt
+
+
+def prepare_output_dir(args, method, env):
+    """The run folder; refuses to overwrite a checkpoint unless --resume is given. Returns the checkpoint to
+    resume from (or None)."""
+    if args.output_dir is None:
+        name = [f"runs/{method}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if env.world_size > 1:
+            dist.broadcast_object_list(name)  # rank 0's clock names the folder for every rank
+        args.output_dir = name[0]
+    out = Path(args.output_dir)
+    if args.resume == "auto":
+        return out / "ckpt.pt" if (out / "ckpt.pt").exists() else None
+    if args.resume is None and (out / "ckpt.pt").exists():
+        raise UserError(f"{out} already holds a checkpoint; continue it with --resume auto, "
+                        f"or choose another --output-dir")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return args.resume
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per line) and the progress line; both on the main rank only.
+    Losses are kept on the device and read once per `log_every` steps: no host sync inside a step."""
+
+    def __init__(self, output_dir, env, total_steps, images_per_step):
+        self.path, self.env, self.total = Path(output_dir) / "metrics.jsonl", env, total_steps
+        self.images_per_step, self.pending, self.t0 = images_per_step, [], time.perf_counter()
+
+    def step(self, step, epoch, loss, lr):
+        self.pending.append((step, epoch, loss.detach(), lr))
+
+    def flush(self, steps_per_epoch):
+        if not self.pending:
+            return
+        losses = torch.stack([p[2] for p in self.pending]).float().tolist()  # the one sync per interval
+        now = time.perf_counter()
+        speed = len(self.pending) * self.images_per_step / (now - self.t0)
+        step, epoch = self.pending[-1][0], self.pending[-1][1]
+        self.write([{"step": s, "epoch": e, "train/loss": round(loss, 6), "train/lr": lr,
+                     "train/images_per_s": round(speed, 1)} for (s, e, _, lr), loss in zip(self.pending, losses)])
+        left = time.strftime("%H:%M:%S", time.gmtime((self.total - step - 1) * (now - self.t0) / len(self.pending)))
+        self.print(f"epoch {epoch} step {step % steps_per_epoch + 1}/{steps_per_epoch} loss {losses[-1]:.4f} "
+                   f"lr {self.pending[-1][3]:.4g} {speed:.0f} img/s left {left}")
+        self.pending, self.t0 = [], now
+
+    def write(self, rows):
+        if self.env.is_main:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def print(self, text):
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def restart_clock(self):
+        self.t0 = time.perf_counter()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (SLURM pre-emption, Ctrl-C) ask the run to save a checkpoint and exit at the next log
+    point; the ranks agree through an all_reduce there. A second Ctrl-C kills at once."""
+
+    def __init__(self):
+        self.flag = False
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    def requested(self, env):
+        flag = torch.tensor(float(self.flag), device=env.device)
+        if env.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def evaluate(backbone, data, env, args, autocast=nullcontext, linear=False):
+    """kNN top-1 (and, if `linear`, linear-probe top-1) of a backbone on data.bank -> data.test."""
+    if data.test is None or len(data.test) == 0:
+        return {}
+    kw = dict(size=args.image_size, batch_size=256, workers=args.workers, autocast=autocast)
+    train_f = extract_features(backbone, data.bank, data, env, **kw)
+    test_f = extract_features(backbone, data.test, data, env, **kw)
+    out = {"eval/knn_top1": knn_top1(train_f, data.bank.labels, test_f, data.test.labels, data.num_classes,
+                                     args.knn_k, args.knn_t, env)}
+    if linear:
+        out["eval/linear_top1"] = linear_probe(train_f, data.bank.labels, test_f, data.test.labels, data.num_classes)
+    return out
+
+
+def main():
+    """Evaluate an exported backbone.pt: weighted kNN and the linear probe, on any supported data set."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--backbone", required=True, help="backbone.pt written by a trainer")
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--image-size", type=int, default=None, help="default: native (small images) or 224")
+    ap.add_argument("--knn-k", type=int, default=200)
+    ap.add_argument("--knn-t", type=float, default=0.1)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    args = ap.parse_args()
+    env = setup(args.device)
+    data = load_data(args.data, args.data_dir, env.device)
+    if args.image_size is None:
+        args.image_size = data.image_size if data.image_size <= SMALL_IMAGE else 224
+    if not Path(args.backbone).is_file():
+        raise UserError(f"--backbone {args.backbone}: no such file")
+    sd = torch.load(args.backbone, map_location="cpu", weights_only=True)
+    backbone = backbone_from_state_dict(sd, args.image_size)
+    backbone.load_state_dict(sd)
+    backbone.to(env.device, memory_format=torch.channels_last)
+    result = evaluate(backbone, data, env, args, linear=True)
+    if env.is_main:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run(main)
