@@ -11,11 +11,14 @@ recipe, heads, loss, EMA, queue, ...) stays in its own file. Sections, in order:
     evaluation  weighted kNN (InstDisc), linear probe on frozen features, collapse diagnostic
     plumbing    torchrun setup, schedules, LARS, checkpoints, metrics and the progress line
 
-Evaluate any exported backbone (kNN + linear probe):
+Evaluate any exported backbone, or a baseline (kNN + linear probe):
     python common.py --backbone runs/simsiam-cifar10/backbone.pt --data cifar10
+    python common.py --pixels --data builtin          # raw pixels
+    python common.py --arch tiny --data builtin       # a randomly initialised backbone
 """
 
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -105,7 +108,11 @@ def load_data(name, data_dir="data", device="cpu"):
         splits, classes = _read_fashion_mnist(Path(data_dir)), 10
     else:
         return _scan_folder(Path(name))
-    train, bank, test = [Split(labels=y, images=x.to(device)) for x, y in splits]
+    train, bank, test = [
+        Split(labels=y, images=x.to(device)) if i == 0 or x is not splits[0][0] else None
+        for i, (x, y) in enumerate(splits)
+    ]
+    bank = bank or train  # the same images: one copy on the device
     # Per-channel statistics of the training images, for input normalisation (as CIFAR trainers do).
     mean = tuple(train.images[:10_000].float().mean(dim=(0, 2, 3)).div(255).tolist())
     std = tuple(train.images[:10_000].float().std(dim=(0, 2, 3)).div(255).tolist())
@@ -175,8 +182,10 @@ def _download(name, root):
         else:
             cls(str(root), download=True)
     except Exception as e:  # noqa: BLE001 (network errors come in many types)
-        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); "
-                        f"copy the data set there by hand or pass --data-dir") from None
+        raise UserError(
+            f"could not download {name} into {root} ({type(e).__name__}: {e}); "
+            f"copy the data set there by hand or pass --data-dir"
+        ) from None
 
 
 def _read_cifar(name, root):
@@ -236,25 +245,36 @@ def _read_fashion_mnist(root):
             x, y, xt, yt = map(_read_idx, found)
             train = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), y.long()
             return train, train, (xt.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), yt.long())
-    _missing("fashion-mnist", f"{root}/fashion-mnist, {root} or {FASHION_MNIST_DIRS[0]}", names,
-             "apt-get install dataset-fashion-mnist, or copy the IDX files there")
+    _missing(
+        "fashion-mnist",
+        f"{root}/fashion-mnist, {root} or {FASHION_MNIST_DIRS[0]}",
+        names,
+        "apt-get install dataset-fashion-mnist, or copy the IDX files there",
+    )
 
 
 def _scan_folder(root):
     """An ImageNet-style folder: root/train/<class>/<image> (or root/<class>/<image>), root/val/<class>/<image>."""
     if not root.exists():
-        raise UserError(f"--data {root}: no such folder; pass an image folder (DIR/train/<class>/<image>) "
-                        f"or one of {', '.join(DATASETS)}")
+        raise UserError(
+            f"--data {root}: no such folder; pass an image folder (DIR/train/<class>/<image>) "
+            f"or one of {', '.join(DATASETS)}"
+        )
     if not root.is_dir():
         raise UserError(f"--data {root} is a file; pass a folder laid out as DIR/train/<class>/<image>")
     train_dir = root / "train" if (root / "train").is_dir() else root
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         loose = [f for f in train_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
-        raise UserError(f"{train_dir} has no class subfolders" + (
-            f" ({len(loose)} images lie in it directly); put them in one subfolder per class, "
-            f"DIR/train/<class>/<image> (a single subfolder for unlabeled images)" if loose else
-            " and no images; expected DIR/train/<class>/<image>"))
+        raise UserError(
+            f"{train_dir} has no class subfolders"
+            + (
+                f" ({len(loose)} images lie in it directly); put them in one subfolder per class, "
+                f"DIR/train/<class>/<image> (a single subfolder for unlabeled images)"
+                if loose
+                else " and no images; expected DIR/train/<class>/<image>"
+            )
+        )
 
     def scan(d):
         files = []
@@ -265,8 +285,9 @@ def _scan_folder(root):
 
     train_files = scan(train_dir)
     if not train_files:
-        raise UserError(f"{train_dir} holds {len(classes)} class folders but no images "
-                        f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"{train_dir} holds {len(classes)} class folders but no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
     val_files = scan(root / "val") if (root / "val").is_dir() else []
     from PIL import Image  # the side of the first image picks the recipe (ImageNet-scale or small-image)
 
@@ -349,9 +370,16 @@ def _b(t):  # per-sample parameter (B,) -> broadcastable over (B, C, H, W)
     return t.view(-1, 1, 1, 1)
 
 
+@functools.lru_cache
+def _const(values, device):
+    """A small constant tensor on a device, made once: building it in every step would copy host -> device,
+    which waits for the GPU (a host sync)."""
+    return torch.tensor(values, device=device)
+
+
 def grayscale(x):
     """ITU-R 601-2 luma (TF.rgb_to_grayscale), as (B, 1, H, W)."""
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def adjust_brightness(x, f):
@@ -376,7 +404,7 @@ def adjust_hue(x, shift):
     safe = torch.where(c > 0, c, torch.ones_like(c))
     h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     h = torch.where(c > 0, h, torch.zeros_like(h)) + 6 * shift.view(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = _const((5.0, 3.0, 1.0), x.device).view(1, 3, 1, 1)
     k = torch.remainder(n + h.unsqueeze(1), 6)
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -452,8 +480,10 @@ def blur_kernel(size):
 
 def normalize(x, data):
     """Float [0, 1] -> standardised input in channels_last memory (the layout convolutions run fastest in)."""
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    mean, std = (
+        _const(tuple(data.mean), x.device).view(1, -1, 1, 1),
+        _const(tuple(data.std), x.device).view(1, -1, 1, 1),
+    )
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -536,8 +566,7 @@ class TrainLoader:
         if batch_size % env.world_size:
             raise UserError(f"--batch-size {batch_size} is not divisible by the {env.world_size} processes")
         if batch_size > n:
-            raise UserError(f"--batch-size {batch_size} is larger than the data set ({n} images); "
-                            f"lower --batch-size")
+            raise UserError(f"--batch-size {batch_size} is larger than the data set ({n} images); lower --batch-size")
         self.data, self.views, self.env, self.seed = data, views, env, seed
         self.batch_size, self.per_rank, self.steps = batch_size, batch_size // env.world_size, n // batch_size
         self.gen = torch.Generator(env.device).manual_seed(seed + env.rank)  # augmentation RNG, seed + rank
@@ -545,9 +574,15 @@ class TrainLoader:
         if data.train.images is None:
             self.items = []  # (index, item seed) of this epoch, read by the sampler in the main process
             self.loader = torch.utils.data.DataLoader(
-                _FolderViews(data.train.files, views), batch_size=self.per_rank, sampler=_ListSampler(self),
-                num_workers=workers, pin_memory=env.device.type == "cuda", drop_last=True,
-                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                _FolderViews(data.train.files, views),
+                batch_size=self.per_rank,
+                sampler=_ListSampler(self),
+                num_workers=workers,
+                pin_memory=env.device.type == "cuda",
+                drop_last=True,
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
 
     def __len__(self):
         return self.steps
@@ -560,16 +595,18 @@ class TrainLoader:
     def epoch(self, epoch, start=0):
         mine = self.indices(epoch)
         if self.loader is None:
-            for idx in mine[start:]:
-                x = self.data.train.images[idx.to(self.env.device, non_blocking=True)]
+            for idx in torch.stack(mine).to(self.env.device)[start:]:  # one copy per epoch, none per step
+                x = self.data.train.images[idx]
                 yield [normalize(augment(x, v, self.gen), self.data) for v in self.views]
             return
         base = (self.seed * 1_000_003 + epoch) * 10_000_019
         self.items = [(int(i), base + int(i)) for idx in mine[start:] for i in idx]
         for crops, errors in self.loader:
             _check_decoded(errors)
-            yield [normalize(augment(c.to(self.env.device, non_blocking=True), v, self.gen, crop=False), self.data)
-                   for c, v in zip(crops, self.views)]
+            yield [
+                normalize(augment(c.to(self.env.device, non_blocking=True), v, self.gen, crop=False), self.data)
+                for c, v in zip(crops, self.views)
+            ]
 
 
 class _ListSampler(torch.utils.data.Sampler):
@@ -602,8 +639,12 @@ def extract_features(model, split, data, env, size, batch_size=256, workers=8, a
                 feats.append(model(normalize(x, data)).float())
     else:
         loader = torch.utils.data.DataLoader(
-            _FolderEval(split.files, size), batch_size=batch_size, sampler=idx.tolist(), num_workers=workers,
-            pin_memory=env.device.type == "cuda")
+            _FolderEval(split.files, size),
+            batch_size=batch_size,
+            sampler=idx.tolist(),
+            num_workers=workers,
+            pin_memory=env.device.type == "cuda",
+        )
         for x, errors in loader:
             _check_decoded(errors)
             with autocast():
@@ -621,14 +662,16 @@ def extract_features(model, split, data, env, size, batch_size=256, workers=8, a
 # BACKBONES
 # Each returns pooled features (B, out_dim); `out_dim` is an attribute.
 # ----------------------------------------------------------------------------------------------------------------
-RESNETS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
-           "resnet50": torchvision.models.resnet50}
+RESNETS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+}
 VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}  # dim, depth, heads
 ARCHS = (*RESNETS, *VITS, "tiny")
 
 
-def build_backbone(arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None,
-                   patch_size=None):
+def build_backbone(arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None, patch_size=None):
     """ResNets from torchvision (with the CIFAR stem when `small`), ViTs (patch 4 for small images, else 16),
     or the tiny CPU test net."""
     if arch in RESNETS:
@@ -887,8 +930,10 @@ def param_groups(model, weight_decay, exclude_norm_bias=True):
     for p in model.parameters():
         if p.requires_grad:
             (rest if exclude_norm_bias and p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": rest, "weight_decay": 0.0, "lars_exclude": True}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0, "lars_exclude": True},
+    ]
 
 
 class LARS(torch.optim.Optimizer):
@@ -897,8 +942,7 @@ class LARS(torch.optim.Optimizer):
     Groups with `lars_exclude` skip the trust ratio (and have wd 0 from `param_groups`). No host syncs."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                                      lars_exclude=False))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
 
     @torch.no_grad()
     def step(self):
@@ -917,8 +961,17 @@ class LARS(torch.optim.Optimizer):
 
 
 # Flags that may differ when a run is resumed; every other entry of the config must match the checkpoint.
-RUNTIME_FLAGS = ("resume", "output_dir", "data_dir", "workers", "device", "max_steps", "compile", "log_every",
-                 "eval_every")
+RUNTIME_FLAGS = (
+    "resume",
+    "output_dir",
+    "data_dir",
+    "workers",
+    "device",
+    "max_steps",
+    "compile",
+    "log_every",
+    "eval_every",
+)
 
 
 def save_atomic(obj, path):
@@ -944,32 +997,40 @@ def load_checkpoint(path, method, config):
         raise UserError(f"--resume {path}: not a checkpoint written by these trainers")
     if ckpt["method"] != method:
         raise UserError(f"--resume {path} is a {ckpt['method']} checkpoint; this is {method}.py")
-    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in RUNTIME_FLAGS
-            and config.get(k) != ckpt["config"].get(k)]
+    diff = [
+        k
+        for k in sorted(set(config) | set(ckpt["config"]))
+        if k not in RUNTIME_FLAGS and config.get(k) != ckpt["config"].get(k)
+    ]
     if diff:
         was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in diff)
         now = ", ".join(f"{k}={config.get(k)!r}" for k in diff)
-        raise UserError(f"--resume {path} was trained with {was}, but this run has {now}; "
-                        f"pass the same settings or start a new --output-dir")
+        raise UserError(
+            f"--resume {path} was trained with {was}, but this run has {now}; "
+            f"pass the same settings or start a new --output-dir"
+        )
     return ckpt
 
 
 def prepare_output_dir(args, method, env):
     """The run folder; refuses to overwrite a checkpoint unless --resume is given. Returns the checkpoint to
     resume from (or None)."""
+    if args.output_dir is None and args.resume == "auto":
+        raise UserError("--resume auto continues the run in --output-dir; pass --output-dir")
     if args.output_dir is None:
         name = [f"runs/{method}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if env.world_size > 1:
             dist.broadcast_object_list(name)  # rank 0's clock names the folder for every rank
         args.output_dir = name[0]
     out = Path(args.output_dir)
-    if args.resume == "auto":
-        return out / "ckpt.pt" if (out / "ckpt.pt").exists() else None
     if args.resume is None and (out / "ckpt.pt").exists():
-        raise UserError(f"{out} already holds a checkpoint; continue it with --resume auto, "
-                        f"or choose another --output-dir")
+        raise UserError(
+            f"{out} already holds a checkpoint; continue it with --resume auto, or choose another --output-dir"
+        )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    if args.resume == "auto":  # the folder's checkpoint if it has one, else a fresh start
+        return out / "ckpt.pt" if (out / "ckpt.pt").exists() else None
     return args.resume
 
 
@@ -991,11 +1052,23 @@ class Logger:
         now = time.perf_counter()
         speed = len(self.pending) * self.images_per_step / (now - self.t0)
         step, epoch = self.pending[-1][0], self.pending[-1][1]
-        self.write([{"step": s, "epoch": e, "train/loss": round(loss, 6), "train/lr": lr,
-                     "train/images_per_s": round(speed, 1)} for (s, e, _, lr), loss in zip(self.pending, losses)])
+        self.write(
+            [
+                {
+                    "step": s,
+                    "epoch": e,
+                    "train/loss": round(loss, 6),
+                    "train/lr": lr,
+                    "train/images_per_s": round(speed, 1),
+                }
+                for (s, e, _, lr), loss in zip(self.pending, losses)
+            ]
+        )
         left = time.strftime("%H:%M:%S", time.gmtime((self.total - step - 1) * (now - self.t0) / len(self.pending)))
-        self.print(f"epoch {epoch} step {step % steps_per_epoch + 1}/{steps_per_epoch} loss {losses[-1]:.4f} "
-                   f"lr {self.pending[-1][3]:.4g} {speed:.0f} img/s left {left}")
+        self.print(
+            f"epoch {epoch} step {step % steps_per_epoch + 1}/{steps_per_epoch} loss {losses[-1]:.4f} "
+            f"lr {self.pending[-1][3]:.4g} {speed:.0f} img/s left {left}"
+        )
         self.pending, self.t0 = [], now
 
     def write(self, rows):
@@ -1038,36 +1111,47 @@ def evaluate(backbone, data, env, args, autocast=nullcontext, linear=False):
     kw = dict(size=args.image_size, batch_size=256, workers=args.workers, autocast=autocast)
     train_f = extract_features(backbone, data.bank, data, env, **kw)
     test_f = extract_features(backbone, data.test, data, env, **kw)
-    out = {"eval/knn_top1": knn_top1(train_f, data.bank.labels, test_f, data.test.labels, data.num_classes,
-                                     args.knn_k, args.knn_t, env)}
+    out = {
+        "eval/knn_top1": knn_top1(
+            train_f, data.bank.labels, test_f, data.test.labels, data.num_classes, args.knn_k, args.knn_t, env
+        )
+    }
     if linear:
         out["eval/linear_top1"] = linear_probe(train_f, data.bank.labels, test_f, data.test.labels, data.num_classes)
     return out
 
 
 def main():
-    """Evaluate an exported backbone.pt: weighted kNN and the linear probe, on any supported data set."""
+    """Weighted kNN and linear-probe top-1 of an exported backbone.pt, or of a baseline: a randomly
+    initialised backbone (--arch) or the raw standardised pixels (--pixels)."""
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--backbone", required=True, help="backbone.pt written by a trainer")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backbone", help="backbone.pt written by a trainer (its architecture is read off it)")
+    what.add_argument("--arch", choices=ARCHS, help="a randomly initialised backbone (seeded by --seed)")
+    what.add_argument("--pixels", action="store_true", help="the images themselves, flattened")
     ap.add_argument("--data", default="builtin")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--image-size", type=int, default=None, help="default: native (small images) or 224")
     ap.add_argument("--knn-k", type=int, default=200)
     ap.add_argument("--knn-t", type=float, default=0.1)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = ap.parse_args()
-    env = setup(args.device)
+    env = setup(args.device, args.seed)
     data = load_data(args.data, args.data_dir, env.device)
-    if args.image_size is None:
-        args.image_size = data.image_size if data.image_size <= SMALL_IMAGE else 224
-    if not Path(args.backbone).is_file():
-        raise UserError(f"--backbone {args.backbone}: no such file")
-    sd = torch.load(args.backbone, map_location="cpu", weights_only=True)
-    backbone = backbone_from_state_dict(sd, args.image_size)
-    backbone.load_state_dict(sd)
-    backbone.to(env.device, memory_format=torch.channels_last)
-    result = evaluate(backbone, data, env, args, linear=True)
+    small = data.image_size <= SMALL_IMAGE
+    args.image_size = args.image_size or (data.image_size if small else 224)
+    if args.backbone:
+        if not Path(args.backbone).is_file():
+            raise UserError(f"--backbone {args.backbone}: no such file")
+        sd = torch.load(args.backbone, map_location="cpu", weights_only=True)
+        model = backbone_from_state_dict(sd, args.image_size)
+        model.load_state_dict(sd)
+    else:
+        model = nn.Flatten() if args.pixels else build_backbone(args.arch, args.image_size, small)
+    model.to(env.device, memory_format=torch.channels_last)
+    result = evaluate(model, data, env, args, linear=True)
     if env.is_main:
         print(json.dumps(result))
 
