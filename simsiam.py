@@ -14,8 +14,10 @@ it is marked "Deviation:" below and listed in the README.
     python simsiam.py --data /path/to/imagenet          # ImageNet recipe (Sec. 4) on one GPU
     torchrun --nproc_per_node=8 simsiam.py --data /path/to/imagenet   # 8 GPUs, --batch-size is the global 512
 
-Result: `python simsiam.py` on a 2-core CPU (tiny backbone, 12 epochs, about 4 minutes) lifts kNN top-1 on the
-built-in shapes from 15% (random init) and 29% (pixels) to about 60%; see the README for Fashion-MNIST.
+Result on the built-in shapes, 2-core CPU, tiny backbone: `python simsiam.py` (10 epochs, 4 minutes) lifts kNN
+top-1 from 33% (random init, seed 0; pixels: 22%) to 49% (linear probe 54% -> 72%); `--epochs 40` (12.5
+minutes) reaches 96.6% (linear 98.4%). The README has Fashion-MNIST and throughput; GPU numbers are still to be
+measured.
 """
 
 import argparse
@@ -50,8 +52,12 @@ from common import (
 # ---- ARGUMENTS ---------------------------------------------------------------------------------------------
 # Flags left at None take the recipe's value (RECIPES below): CIFAR-scale images get the small-image recipe.
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--data", default="builtin", help="builtin, cifar10, cifar100, stl10, fashion-mnist, or an "
-                    "image folder DIR/train/<class>/<image> (DIR/val/... used for evaluation)")
+parser.add_argument(
+    "--data",
+    default="builtin",
+    help="builtin, cifar10, cifar100, stl10, fashion-mnist, or an "
+    "image folder DIR/train/<class>/<image> (DIR/val/... used for evaluation)",
+)
 parser.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10/fashion-mnist live")
 parser.add_argument("--arch", default=None, choices=ARCHS, help="backbone (recipe)")
 parser.add_argument("--image-size", type=int, default=None, help="crop side (recipe: native or 224)")
@@ -68,27 +74,40 @@ parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "flo
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
 parser.add_argument("--log-every", type=int, default=50, help="steps between metric flushes / progress lines")
-parser.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (0: at the end)")
+parser.add_argument(
+    "--eval-every",
+    type=int,
+    default=1,
+    help="epochs between kNN evaluations; 0: only kNN + linear probe at the end; -1: never",
+)
 parser.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (recipe)")
 parser.add_argument("--knn-t", type=float, default=None, help="kNN temperature (recipe)")
 parser.add_argument("--proj-layers", type=int, default=None, help="projection MLP depth: 3 ImageNet, 2 CIFAR")
 parser.add_argument("--dim", type=int, default=2048, help="projection / prediction output size")
 parser.add_argument("--pred-dim", type=int, default=512, help="prediction MLP hidden size (bottleneck)")
-parser.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep the predictor at the base lr, no decay (Sec. 4.2, 'h with fixed lr')")
-parser.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
-                    help="--no-stop-grad: the collapsing ablation of Sec. 4.1")
+parser.add_argument(
+    "--fix-pred-lr",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="keep the predictor at the base lr, no decay (Sec. 4.2, 'h with fixed lr')",
+)
+parser.add_argument(
+    "--stop-grad",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="--no-stop-grad: the collapsing ablation of Sec. 4.1",
+)
 
 RECIPES = {
     # Sec. 4 / main_simsiam.py: ResNet-50, batch 512, SGD lr 0.05 * bs/256, momentum 0.9, wd 1e-4, 100 epochs.
     # kNN as DINO reports it (k 20, T 0.07).
-    "imagenet": dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, wd=1e-4, proj_layers=3, knn_k=20,
-                     knn_t=0.07),
+    "imagenet": dict(
+        arch="resnet50", epochs=100, batch_size=512, lr=0.05, wd=1e-4, proj_layers=3, knn_k=20, knn_t=0.07
+    ),
     # App. D (CIFAR-10): CIFAR ResNet-18, 2-layer projection MLP, 2048-d, no blur (quoted in PatrickHua/SimSiam#3).
     # lr 0.03, wd 5e-4, batch 512, 800 epochs as reported in facebookresearch/simsiam#9. kNN k 200, T 0.1 as in
     # the MoCo CIFAR demo / InstDisc.
-    "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4, proj_layers=2, knn_k=200,
-                  knn_t=0.1),
+    "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4, proj_layers=2, knn_k=200, knn_t=0.1),
     # `python simsiam.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
     # Deviation: batch 256, lr 0.3, wd 1e-4 (as solo-learn's CIFAR SimSiam: higher lr, lower wd), so that 10
     # short epochs show learning; with the paper's lr 0.03 the tiny net barely moves in that budget.
@@ -102,8 +121,15 @@ def view_recipe(size, small):
     (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] with p 0.5, flip.
     No blur on small images (App. D). Deviation: blur is a Gaussian kernel of 10% of the image side (as SimCLR)
     rather than PIL's GaussianBlur(radius=sigma)."""
-    view = ViewAug(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
-                   blur_p=0.0 if small else 0.5, blur_sigma=(0.1, 2.0))
+    view = ViewAug(
+        size,
+        scale=(0.2, 1.0),
+        jitter=(0.4, 0.4, 0.4, 0.1),
+        jitter_p=0.8,
+        gray_p=0.2,
+        blur_p=0.0 if small else 0.5,
+        blur_sigma=(0.1, 2.0),
+    )
     return [view, view]
 
 
@@ -123,8 +149,12 @@ class SimSiam(nn.Module):
             layers += [nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True)]
         self.projector = nn.Sequential(*layers, nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
         # Prediction MLP: a bottleneck dim -> pred_dim -> dim, with BN on the hidden layer only (Sec. 3).
-        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
-                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+        self.predictor = nn.Sequential(
+            nn.Linear(dim, pred_dim, bias=False),
+            nn.BatchNorm1d(pred_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, dim),
+        )
 
     def forward(self, x1, x2):
         # Each view is its own forward pass, so BN statistics are per view, as in the official code.
@@ -147,27 +177,34 @@ def main():
     env = setup(args.device, args.seed)
     data = load_data(args.data, args.data_dir, env.device)
     recipe = pick_recipe(RECIPES, data, env, args)
+    small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem, no blur
     resume = prepare_output_dir(args, "simsiam", env)
     config = dict(vars(args), input_mean=list(data.mean), input_std=list(data.std))  # what backbone.pt expects
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
-    loader = TrainLoader(data, view_recipe(args.image_size, recipe != "imagenet"), args.batch_size, env,
-                         args.seed, args.workers)
-    backbone = build_backbone(args.arch, args.image_size, recipe != "imagenet", zero_init_residual=True)
+    loader = TrainLoader(data, view_recipe(args.image_size, small), args.batch_size, env, args.seed, args.workers)
+    # zero_init_residual: the last BN of each residual branch starts at 0, as in the official builder.py.
+    backbone = build_backbone(args.arch, args.image_size, small, zero_init_residual=True)
     model = SimSiam(backbone, args.proj_layers, args.dim, args.pred_dim)
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
     lr = args.lr * args.batch_size / 256  # Sec. 4: lr = base lr x BatchSize / 256
-    optimizer = torch.optim.SGD([
-        {"params": [*model.backbone.parameters(), *model.projector.parameters()], "fix_lr": False},
-        {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr},
-    ], lr=lr, momentum=0.9, weight_decay=args.wd)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [*model.backbone.parameters(), *model.projector.parameters()], "fix_lr": False},
+            {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr},
+        ],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=args.wd,
+    )
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[env.local_rank]
-                                                          if env.device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+        )
 
     # ---- RESUME ------------------------------------------------------------------------------------------
     step, steps_per_epoch = 0, len(loader)
@@ -186,47 +223,60 @@ def main():
         if env.world_size > 1:
             dist.all_gather_object(states, loader.gen.get_state())
         if env.is_main:
-            save_atomic({"method": "simsiam", "config": config, "step": step, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "aug_rng": states, "rng": torch.get_rng_state()},
-                        out / "ckpt.pt")
+            save_atomic(
+                {
+                    "method": "simsiam",
+                    "config": config,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "aug_rng": states,
+                    "rng": torch.get_rng_state(),
+                },
+                out / "ckpt.pt",
+            )
             save_atomic(model.backbone.state_dict(), out / "backbone.pt")
 
     # ---- TRAIN -------------------------------------------------------------------------------------------
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     logger, stop = Logger(out, env, last_step, args.batch_size), StopSignal()
-    logger.print(f"simsiam: {recipe} recipe, {len(data.train)} training images, {steps_per_epoch} steps/epoch, "
-                 f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}")
+    logger.print(
+        f"simsiam: {recipe} recipe, {len(data.train)} training images, {steps_per_epoch} steps/epoch, "
+        f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
+    )
     if env.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=1))
     stds = []  # collapse diagnostic of each step of the epoch
     while step < last_step:
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
-            lr_now = cosine_lr(step, total_steps, lr)  # per-step cosine, no warmup (Sec. 4)
+            # Cosine decay, no warmup (Sec. 4); the predictor keeps the base lr (Sec. 4.2, Table 1).
+            # Deviation: set every step; the official code sets it once per epoch.
+            lr_now = cosine_lr(step, total_steps, lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr if group["fix_lr"] else lr_now
-            with autocast():
+            with autocast():  # Alg. 1: z1, z2 = f(x1), f(x2); p1, p2 = h(z1), h(z2)
                 p1, p2, z1, z2 = train_model(x1, x2)
+            # Alg. 1: L = D(p1, z2)/2 + D(p2, z1)/2, in float32 whatever the autocast dtype.
             loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float(), args.stop_grad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             logger.step(step, epoch, loss, lr_now)
-            stds.append(collapse_std(z1))
+            stds.append(collapse_std(z1))  # Sec. 4.1: std of z/||z||; stays on the device
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step:
                 logger.flush(steps_per_epoch)
                 if stop.requested(env):
                     save()
-                    logger.print(f"stopped by a signal at step {step}; continue with --resume auto "
-                                 f"--output-dir {out}")
+                    logger.print(f"stopped by a signal at step {step}; continue with --resume auto --output-dir {out}")
                     return
             if step == last_step:
                 break
         if step % steps_per_epoch == 0 and step < last_step:  # a full epoch: diagnostics and a checkpoint
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
-            if args.eval_every and (epoch + 1) % args.eval_every == 0:
+            if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
             logger.write([row])
             logger.print(json.dumps(row))
@@ -238,7 +288,8 @@ def main():
     row = {"epoch": (step - 1) // steps_per_epoch, "step": step, "final": True}
     if stds:
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
-    row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+    if args.eval_every >= 0:
+        row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
     logger.write([row])
     logger.print(json.dumps(row))
 

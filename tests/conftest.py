@@ -14,10 +14,12 @@ sys.path.insert(0, str(REPO))
 
 
 def script_command(*args, torchrun=0):
-    """(command, environment) running `python <args>`, or torchrun with that many processes, from the repo root."""
+    """(command, environment) running `python <args>`, or torchrun with that many processes, from the repo root.
+    A str argument is split on spaces ("simsiam.py --max-steps 2"); paths and numbers stay single arguments."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if torchrun else "2"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    return (launcher if torchrun else [sys.executable]) + [str(a) for a in args], env
+    words = [w for a in args for w in (a.split() if isinstance(a, str) else [str(a)])]
+    return (launcher if torchrun else [sys.executable]) + words, env
 
 
 def run_script(*args, timeout=300, torchrun=0):

@@ -34,8 +34,9 @@ def make_inputs():
 
 def make_data():
     g = torch.Generator().manual_seed(2)
-    split = C.Split(torch.randint(0, 3, (37,), generator=g), torch.randint(0, 256, (37, 3, 16, 16), generator=g,
-                                                                         dtype=torch.uint8))
+    split = C.Split(
+        torch.randint(0, 3, (37,), generator=g), torch.randint(0, 256, (37, 3, 16, 16), generator=g, dtype=torch.uint8)
+    )
     return C.Data("fake", 16, 3, (0.5,) * 3, (0.25,) * 3, split, split, split)
 
 

@@ -32,19 +32,22 @@ def test_resized_crop_matches_torchvision(images):
     for size in (16, 32):
         out = C.resized_crop(images, top, left, h, w, size, flip)
         for i in range(len(images)):
-            ref = TF.resized_crop(images[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [size, size],
-                                  antialias=True)
+            ref = TF.resized_crop(
+                images[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [size, size], antialias=True
+            )
             ref = TF.horizontal_flip(ref) if flip[i] else ref
             torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
 def test_colour_ops_match_torchvision(images, name):
-    ours, ref = {"brightness": (C.adjust_brightness, TF.adjust_brightness),
-                 "contrast": (C.adjust_contrast, TF.adjust_contrast),
-                 "saturation": (C.adjust_saturation, TF.adjust_saturation),
-                 "hue": (C.adjust_hue, TF.adjust_hue)}[name]
-    f = torch.tensor([-0.5, -0.1, 0.0, 0.03, 0.25, 0.5]) if name == "hue" else torch.tensor([0, .3, .6, 1, 1.4, 2.])
+    ours, ref = {
+        "brightness": (C.adjust_brightness, TF.adjust_brightness),
+        "contrast": (C.adjust_contrast, TF.adjust_contrast),
+        "saturation": (C.adjust_saturation, TF.adjust_saturation),
+        "hue": (C.adjust_hue, TF.adjust_hue),
+    }[name]
+    f = torch.tensor([-0.5, -0.1, 0.0, 0.03, 0.25, 0.5]) if name == "hue" else torch.tensor([0, 0.3, 0.6, 1, 1.4, 2.0])
     torch.testing.assert_close(ours(images, f), per_image(ref, images, f), atol=ATOL, rtol=0)
 
 
@@ -58,8 +61,9 @@ def test_grayscale_and_solarize_match_torchvision(images):
 @pytest.mark.parametrize("kernel", [3, 5, 9])
 def test_gaussian_blur_matches_torchvision(images, kernel):
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0, 0.0])  # 0: not blurred
-    ref = torch.stack([TF.gaussian_blur(im, [kernel, kernel], [s.item()] * 2) if s > 0 else im
-                       for im, s in zip(images, sigma)])
+    ref = torch.stack(
+        [TF.gaussian_blur(im, [kernel, kernel], [s.item()] * 2) if s > 0 else im for im, s in zip(images, sigma)]
+    )
     torch.testing.assert_close(C.gaussian_blur(images, sigma, kernel), ref, atol=ATOL, rtol=0)
 
 
@@ -85,8 +89,9 @@ def test_sample_crops_follow_torchvisions_rules():
     assert area.min() >= 0.18 and area.max() <= 1.0
     # The same distribution as torchvision's RandomResizedCrop.get_params (mean area and mean position).
     torch.manual_seed(0)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 40, 60), [0.2, 1.0], [3 / 4, 4 / 3])
-                        for _ in range(5_000)]).float()
+    ref = torch.tensor(
+        [T.RandomResizedCrop.get_params(torch.zeros(3, 40, 60), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(5_000)]
+    ).float()
     ours = torch.stack([top, left, h, w], 1).float()
     torch.testing.assert_close(ours.mean(0), ref.mean(0), atol=0.6, rtol=0.03)
     # No try fits (a tall image and ratios that need a wide box): the centre crop clamped to the ratio.

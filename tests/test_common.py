@@ -154,9 +154,11 @@ def test_readers_of_the_on_disk_formats(tmp_path):
     for prefix, n in (("train", 6), ("t10k", 2)):
         pix = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         (fm / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">4I", 2051, n, 28, 28) + pix.tobytes()))
+            gzip.compress(struct.pack(">4I", 2051, n, 28, 28) + pix.tobytes())
+        )
         (fm / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">2I", 2049, n) + bytes(range(n))))
+            gzip.compress(struct.pack(">2I", 2049, n) + bytes(range(n)))
+        )
     d = C.load_data("fashion-mnist", tmp_path)
     assert d.train.images.shape == (6, 3, 28, 28) and d.test.labels.tolist() == [0, 1] and d.image_size == 28
 

@@ -19,9 +19,12 @@ import simsiam as S
 
 def reference_loss(p1, p2, z1, z2):
     """Eq. 1-4 of the paper, one sample at a time: D(p, z) = -(p / ||p||) . (z / ||z||)."""
+
     def d(p, z):
-        return -sum(float(a) * float(b) for a, b in zip(p, z)) / (math.sqrt(sum(float(a) ** 2 for a in p))
-                                                                 * math.sqrt(sum(float(b) ** 2 for b in z)))
+        return -sum(float(a) * float(b) for a, b in zip(p, z)) / (
+            math.sqrt(sum(float(a) ** 2 for a in p)) * math.sqrt(sum(float(b) ** 2 for b in z))
+        )
+
     n = len(p1)
     return sum(0.5 * d(p1[i], z2[i]) + 0.5 * d(p2[i], z1[i]) for i in range(n)) / n
 
@@ -63,8 +66,9 @@ def test_heads_follow_the_official_builder():
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512), (512, 2048)]
     assert all(m.bias is None for m in linears)  # every projector Linear is followed by BN
     assert not model.projector[-1].affine  # output BN without affine
-    assert [(m.in_features, m.out_features, m.bias is not None) for m in model.predictor
-            if isinstance(m, nn.Linear)] == [(2048, 512, False), (512, 2048, True)]
+    assert [
+        (m.in_features, m.out_features, m.bias is not None) for m in model.predictor if isinstance(m, nn.Linear)
+    ] == [(2048, 512, False), (512, 2048, True)]
     assert len(S.SimSiam(C.TinyNet(), proj_layers=2).projector) == 5  # CIFAR: one hidden block fewer
 
 
@@ -112,8 +116,8 @@ def test_image_folder_run_exports_a_torchvision_resnet50(tmp_path, image_folder)
     """ImageNet-style folder (images > 96 px: the ImageNet recipe), DataLoader workers, ResNet-50 export."""
     out = tmp_path / "run"
     folder = image_folder(n_train=8, side=128, n_val=4)
-    r = run_script("simsiam.py", "--data", folder, "--image-size", 64, "--batch-size", 4, "--max-steps", 2,
-                   "--workers", 1, "--output-dir", out, "--dim", 64, "--pred-dim", 16, "--knn-k", 3)
+    flags = "--image-size 64 --batch-size 4 --max-steps 2 --workers 1 --dim 64 --pred-dim 16 --knn-k 3"
+    r = run_script("simsiam.py --data", folder, flags, "--output-dir", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["arch"] == "resnet50"
     tv = torchvision.models.resnet50()
@@ -143,7 +147,7 @@ def test_resume_is_exact(tmp_path, image_folder, source):
     else:
         folder = image_folder(n_train=16, side=32, n_val=4)
         common, n, k = ["--data", folder, "--batch-size", 4, "--epochs", 3, "--workers", 1, "--knn-k", 3], 7, 3
-    common += ["--dim", 64, "--pred-dim", 16, "--eval-every", 0]
+    common += ["--dim", 64, "--pred-dim", 16, "--eval-every", -1]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_script("simsiam.py", *common, "--max-steps", n, "--output-dir", straight).returncode == 0
     first = run_script("simsiam.py", *common, "--max-steps", k, "--output-dir", resumed)
@@ -176,11 +180,21 @@ def _bad_inputs(tmp_path, image_folder):
     }
 
 
-@pytest.mark.parametrize("case", ["missing path", "empty folder", "no class subfolders", "corrupt image",
-                                  "batch larger than data", "other method's checkpoint", "vit patch mismatch"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing path",
+        "empty folder",
+        "no class subfolders",
+        "corrupt image",
+        "batch larger than data",
+        "other method's checkpoint",
+        "vit patch mismatch",
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path, image_folder, case):
     args, expected = _bad_inputs(tmp_path, image_folder)[case]
-    r = run_script("simsiam.py", "--max-steps", 1, "--eval-every", 0, *args)
+    r = run_script("simsiam.py", "--max-steps", 1, "--eval-every", -1, *args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and expected in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
@@ -188,9 +202,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, image_folder, case):
 
 def test_mismatching_checkpoint_and_existing_run_folder_are_refused(tmp_path):
     out = tmp_path / "run"
-    base = ["simsiam.py", "--max-steps", 1, "--batch-size", 32, "--dim", 64, "--pred-dim", 16, "--output-dir", out]
-    assert run_script(*base).returncode == 0
-    r = run_script(*base, "--resume", "auto", "--lr", 0.5)
+    base = ["simsiam.py --max-steps 1 --batch-size 32 --dim 64 --pred-dim 16 --eval-every -1 --output-dir", out]
+    r = run_script(*base, "--resume auto")  # nothing to resume yet: a fresh start
+    assert r.returncode == 0 and "starting at step 0" in r.stdout, r.stderr
+    r = run_script(*base, "--resume auto --lr 0.5")
     assert r.returncode == 2 and "lr=0.3" in r.stderr and "lr=0.5" in r.stderr and "Traceback" not in r.stderr
     r = run_script(*base)  # no --resume: never overwrite a checkpoint
     assert r.returncode == 2 and "--resume auto" in r.stderr and "Traceback" not in r.stderr
@@ -199,8 +214,7 @@ def test_mismatching_checkpoint_and_existing_run_folder_are_refused(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
     """Pre-emption (SLURM sends SIGTERM): the run checkpoints at the next log point, exits 0, and resumes."""
     out = tmp_path / "run"
-    args = ["simsiam.py", "--batch-size", 64, "--log-every", 1, "--eval-every", 0, "--dim", 64, "--pred-dim", 16,
-            "--output-dir", out]
+    args = ["simsiam.py --batch-size 64 --log-every 1 --eval-every -1 --dim 64 --pred-dim 16 --output-dir", out]
     cmd, env = script_command(*args)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -213,7 +227,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
     assert proc.returncode == 0 and "stopped by a signal" in stdout, stderr
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step >= 3 and len([r for r in read_metrics(out) if "train/loss" in r]) == step  # nothing lost
-    r = run_script(*args, "--max-steps", step + 2, "--resume", "auto")
+    r = run_script(*args, "--max-steps", step + 2, "--resume auto")
     assert r.returncode == 0 and f"starting at step {step}" in r.stdout, r.stderr
 
 
@@ -227,6 +241,7 @@ def _random_init_knn(seed):
 def _eval_args():
     class Args:
         image_size, workers, knn_k, knn_t = 32, 0, 200, 0.1
+
     return Args
 
 
@@ -241,7 +256,7 @@ def test_it_learns(tmp_path, seed):
     assert trained > random_init + 0.08, (random_init, trained)
 
 
-def _short_run(stop_grad, steps=120, batch_size=128, lr=0.8):
+def _short_run(stop_grad, steps=80, batch_size=128, lr=0.8):
     """In-process SimSiam on the built-in data; per step the collapse diagnostic (x sqrt(d)) and the loss."""
     torch.manual_seed(0)
     env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
@@ -258,12 +273,12 @@ def _short_run(stop_grad, steps=120, batch_size=128, lr=0.8):
         opt.step()
         stds.append(C.collapse_std(z1).item() * math.sqrt(z1.shape[1]))
         losses.append(loss.item())
-    return sum(stds[-40:]) / 40, sum(losses[-40:]) / 40
+    return sum(stds[-30:]) / 30, sum(losses[-30:]) / 30
 
 
 def test_without_stop_gradient_the_outputs_head_for_collapse():
     """SimSiam Sec. 4.1, Fig. 2. Without the stop-gradient the loss runs towards its minimum -1 and the std of
-    the normalised output falls (measured: 0.83/sqrt(d) after 100 steps, 0.31 after 800, still falling; the
+    the normalised output falls (measured: 0.83/sqrt(d) after 80 steps, 0.31 after 800, still falling; the
     full fall to 0 takes longer than this suite can spend); with it the std stays near 1/sqrt(d)."""
     std_sg, loss_sg = _short_run(stop_grad=True)
     std_no, loss_no = _short_run(stop_grad=False)
@@ -290,8 +305,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert res["knn"] == ref["knn"]
     # And the whole script under torchrun.
     run_dir = tmp_path / "run"
-    r = run_script("simsiam.py", "--max-steps", 2, "--batch-size", 64, "--dim", 64, "--pred-dim", 16,
-                   "--output-dir", run_dir, torchrun=2, timeout=240)
+    flags = "--max-steps 2 --batch-size 64 --dim 64 --pred-dim 16 --eval-every -1"
+    r = run_script("simsiam.py", flags, "--output-dir", run_dir, torchrun=2, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and len(ckpt["aug_rng"]) == 2 and not torch.equal(*ckpt["aug_rng"])
