@@ -671,16 +671,19 @@ VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 1
 ARCHS = (*RESNETS, *VITS, "tiny")
 
 
-def build_backbone(arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None, patch_size=None):
+def build_backbone(
+    arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None, patch_size=None, sincos_pos=False
+):
     """ResNets from torchvision (with the CIFAR stem when `small`), ViTs (patch 4 for small images, else 16),
     or the tiny CPU test net."""
     if arch in RESNETS:
         return resnet(arch, small, zero_init_residual, in_channels, norm_layer)
     if arch in VITS:
         dim, depth, heads = VITS[arch]
-        return ViT(image_size, patch_size or (4 if small else 16), dim, depth, heads, in_channels=in_channels)
+        patch = patch_size or (4 if small else 16)
+        return ViT(image_size, patch, dim, depth, heads, in_channels=in_channels, sincos_pos=sincos_pos)
     if arch == "tiny":
-        return TinyNet(in_channels)
+        return TinyNet(in_channels, norm_layer=norm_layer)
     raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
 
 
@@ -702,11 +705,11 @@ class TinyNet(nn.Module):
     """Four 3x3 conv-BN-ReLU layers (stride 2, 1, 2, 2; 0.4M parameters; 256-d output) for CPU tests and the
     CPU demo only: not a research backbone. About 80x faster than the CIFAR ResNet-18 on a 2-core CPU."""
 
-    def __init__(self, in_channels=3, width=32):
+    def __init__(self, in_channels=3, width=32, norm_layer=None):
         super().__init__()
-        layers, c = [], in_channels
+        layers, c, norm_layer = [], in_channels, norm_layer or nn.BatchNorm2d
         for out, stride in zip((width, 2 * width, 4 * width, 8 * width), (2, 1, 2, 2)):
-            layers += [nn.Conv2d(c, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            layers += [nn.Conv2d(c, out, 3, stride, 1, bias=False), norm_layer(out), nn.ReLU(True)]
             c = out
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = c
@@ -891,6 +894,35 @@ def setup(device="auto", seed=0):
     return Env(rank, world, local, dev)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss saw these rows: sum their gradients (gloo has no reduce_scatter)
+        n = len(grad) // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
+def gather(x, grad=False):
+    """Every rank's x concatenated in rank order, (W*N, ...). `grad=True` is differentiable: the backward sums
+    all ranks' gradients for this rank's rows, so a loss averaged over the local rows, after DDP averages the
+    parameter gradients, gives exactly the one-process gradient of the loss over the global batch (SimCLR).
+    `grad=False` returns a constant (MoCo's keys, which get no gradient)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x if grad else x.detach()
+    if grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out)
+
+
 def autocast_for(env, dtype):
     """`--dtype auto`: bf16 autocast on CUDA (no GradScaler needed, unlike fp16), float32 on CPU."""
     if dtype == "float32" or (dtype == "auto" and env.device.type != "cuda"):
@@ -939,10 +971,13 @@ def param_groups(model, weight_decay, exclude_norm_bias=True):
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rates (You et al., arXiv:1708.03888). For each tensor:
     g <- g + wd*w; g <- g * eta*||w|| / ||g|| (1 where either norm is 0); v <- m*v + g; w <- w - lr*v.
-    Groups with `lars_exclude` skip the trust ratio (and have wd 0 from `param_groups`). No host syncs."""
+    Groups with `lars_exclude` skip the trust ratio (and have wd 0 from `param_groups`). No host syncs.
+    `clip` (LARC's clip mode, as solo-learn's CIFAR recipes use with eta 0.02): the trust ratio becomes
+    min(trust / lr, 1), so each tensor steps with lr min(eta*||w||/||g||, lr)."""
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip, lars_exclude=False)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self):
@@ -954,6 +989,8 @@ class LARS(torch.optim.Optimizer):
                 if not group["lars_exclude"]:
                     w_norm, g_norm = p.norm(), g.norm()
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                    if group["clip"] and group["lr"] > 0:  # LARC "clip" mode: the step is lr * min(trust/lr, 1)
+                        trust = (trust / group["lr"]).clamp(max=1.0)
                     g = g.mul(trust)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(g)
