@@ -1,5 +1,6 @@
 """Shared test helpers: run a trainer in a subprocess, make small image folders, read a run folder."""
 
+import functools
 import json
 import os
 import subprocess
@@ -15,11 +16,18 @@ sys.path.insert(0, str(REPO))
 
 def script_command(*args, torchrun=0):
     """(command, environment) running `python <args>`, or torchrun with that many processes, from the repo root.
-    A str argument is split on spaces ("simsiam.py --max-steps 2"); paths and numbers stay single arguments."""
+    A str argument is split on spaces ("simsiam.py --max-steps 2"), a list flattened; paths and numbers stay
+    single arguments."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if torchrun else "2"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    words = [w for a in args for w in (a.split() if isinstance(a, str) else [str(a)])]
-    return (launcher if torchrun else [sys.executable]) + words, env
+    return (launcher if torchrun else [sys.executable]) + _words(args), env
+
+
+def _words(args):
+    """Flatten: a list or tuple into its items, a str split on spaces, anything else (a path, a number) as is."""
+    if isinstance(args, (list, tuple)):
+        return [w for a in args for w in _words(a)]
+    return args.split() if isinstance(args, str) else [str(args)]
 
 
 def run_script(*args, timeout=300, torchrun=0):
@@ -53,3 +61,54 @@ def image_folder(tmp_path):
         return root
 
     return make
+
+
+def checkpoint(run_dir):
+    return torch.load(Path(run_dir) / "ckpt.pt", weights_only=True)
+
+
+def assert_same_run(a, b):
+    """Two run folders hold bitwise the same step, model (with any target network or queue) and optimizer."""
+    ca, cb = checkpoint(a), checkpoint(b)
+    assert ca["step"] == cb["step"]
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for i, state in ca["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, cb["optimizer"]["state"][i][name]), (i, name)
+
+
+def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2):
+    """N steps straight == k steps, stop, resume, N - k steps. Returns the straight run's folder."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", straight)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script(script, flags, "--max-steps", k, "--output-dir", resumed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", resumed, "--resume", "auto")
+    assert r.returncode == 0 and f"starting at step {k}" in r.stdout, r.stderr[-3000:]
+    assert_same_run(straight, resumed)
+    return straight
+
+
+@functools.lru_cache
+def random_init_knn(seed):
+    """kNN top-1 (k 200, T 0.1) on the built-in data of the tiny backbone a CPU run with this seed starts from:
+    setup() seeds the global RNG and every method file builds its backbone first."""
+    import common as C
+
+    class Args:
+        image_size, workers, knn_k, knn_t = 32, 0, 200, 0.1
+
+    torch.manual_seed(seed)
+    env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
+    return C.evaluate(C.TinyNet(), data, env, Args)["eval/knn_top1"]
+
+
+def assert_it_learns(script, flags, tmp_path, seed=0, margin=0.08):
+    """A short CPU run on the built-in data lifts kNN top-1 `margin` above the network it started from."""
+    r = run_script(script, flags, "--eval-every", 0, "--seed", seed, "--output-dir", tmp_path / "learn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = read_metrics(tmp_path / "learn")[-1]["eval/knn_top1"]
+    assert trained > random_init_knn(seed) + margin, (random_init_knn(seed), trained)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import REPO, read_metrics, run_script, script_command
+from conftest import REPO, assert_it_learns, assert_resume_is_exact, read_metrics, run_script, script_command
 
 import common as C
 import simsiam as S
@@ -125,20 +125,6 @@ def test_image_folder_run_exports_a_torchvision_resnet50(tmp_path, image_folder)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
 
 
-def _weights(run_dir):
-    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
-    return ckpt["step"], ckpt["model"], ckpt["optimizer"]["state"]
-
-
-def _assert_same_run(a, b):
-    (step_a, model_a, opt_a), (step_b, model_b, opt_b) = _weights(a), _weights(b)
-    assert step_a == step_b
-    for k in model_a:
-        assert torch.equal(model_a[k], model_b[k]), k
-    for i in opt_a:
-        assert torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"])
-
-
 @pytest.mark.parametrize("source", ["builtin", "folder"])
 def test_resume_is_exact(tmp_path, image_folder, source):
     """N steps straight == k steps, stop, resume, N - k steps (the folder case crosses an epoch boundary)."""
@@ -148,14 +134,7 @@ def test_resume_is_exact(tmp_path, image_folder, source):
         folder = image_folder(n_train=16, side=32, n_val=4)
         common, n, k = ["--data", folder, "--batch-size", 4, "--epochs", 3, "--workers", 1, "--knn-k", 3], 7, 3
     common += ["--dim", 64, "--pred-dim", 16, "--eval-every", -1]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_script("simsiam.py", *common, "--max-steps", n, "--output-dir", straight).returncode == 0
-    first = run_script("simsiam.py", *common, "--max-steps", k, "--output-dir", resumed)
-    assert first.returncode == 0, first.stderr
-    second = run_script("simsiam.py", *common, "--max-steps", n, "--output-dir", resumed, "--resume", "auto")
-    assert second.returncode == 0, second.stderr
-    assert f"starting at step {k}" in second.stdout
-    _assert_same_run(straight, resumed)
+    assert_resume_is_exact("simsiam.py", common, tmp_path, n, k)
 
 
 def _bad_inputs(tmp_path, image_folder):
@@ -231,29 +210,11 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
     assert r.returncode == 0 and f"starting at step {step}" in r.stdout, r.stderr
 
 
-def _random_init_knn(seed):
-    """kNN of the network a run with this seed starts from (setup() seeds the global RNG before the model)."""
-    torch.manual_seed(seed)
-    env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
-    return C.evaluate(C.TinyNet(), data, env, _eval_args())["eval/knn_top1"]
-
-
-def _eval_args():
-    class Args:
-        image_size, workers, knn_k, knn_t = 32, 0, 200, 0.1
-
-    return Args
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_it_learns(tmp_path, seed):
     """`python simsiam.py` for 200 of its 390 steps (about a minute on 2 cores) lifts kNN top-1 on the built-in
     shapes well above the random-init network: +13 to +16 points over seeds 0-2, asserted at +8."""
-    r = run_script("simsiam.py", "--max-steps", 200, "--eval-every", 0, "--seed", seed, "--output-dir", tmp_path)
-    assert r.returncode == 0, r.stderr
-    trained = read_metrics(tmp_path)[-1]["eval/knn_top1"]
-    random_init = _random_init_knn(seed)
-    assert trained > random_init + 0.08, (random_init, trained)
+    assert_it_learns("simsiam.py", "--max-steps 200", tmp_path, seed)
 
 
 def _short_run(stop_grad, steps=80, batch_size=128, lr=0.8):
