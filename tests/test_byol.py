@@ -1,0 +1,78 @@
+"""byol.py: loss against the paper's equation, the EMA target (schedule, update, no gradient), heads, the
+script end to end with exact resume (target network included). No learning test: in short CPU runs on the
+built-in data BYOL stays within a few points of its random-init network (README, Measured)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_resume_is_exact, checkpoint, read_metrics
+
+import byol as B
+import common as C
+
+
+def reference_loss(p1, p2, z1, z2):
+    """Eq. 2 and 4, one sample at a time: l(p, z) = || p / ||p|| - z / ||z|| ||^2, both directions, batch mean."""
+
+    def ell(p, z):
+        pn, zn = math.sqrt(sum(float(a) ** 2 for a in p)), math.sqrt(sum(float(b) ** 2 for b in z))
+        return sum((float(a) / pn - float(b) / zn) ** 2 for a, b in zip(p, z))
+
+    return sum(ell(p1[i], z2[i]) + ell(p2[i], z1[i]) for i in range(len(p1))) / len(p1)
+
+
+def test_loss_equals_the_papers_equation():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 10, generator=g, dtype=torch.float64) for _ in range(4))
+    assert B.byol_loss(p1, p2, z1, z2).item() == pytest.approx(reference_loss(p1, p2, z1, z2), abs=1e-12)
+
+
+def small_model():
+    torch.manual_seed(0)
+    return B.BYOL(C.TinyNet(width=8), hidden_dim=32, dim=16)
+
+
+def test_target_gets_no_gradient_and_moves_by_the_ema():
+    model = small_model()
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    B.byol_loss(*model(x1, x2)).backward()
+    assert all(p.grad is None for p in [*model.target_backbone.parameters(), *model.target_projector.parameters()])
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    online = [p.detach().clone() for p in [*model.backbone.parameters(), *model.projector.parameters()]]
+    before = [p.detach().clone() for p in [*model.target_backbone.parameters(), *model.target_projector.parameters()]]
+    assert any(not torch.equal(a, b) for a, b in zip(online, before))  # the step moved the online network
+    tau = B.target_tau(30, 100, 0.99)
+    model.update_target(tau)
+    after = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    for t_new, t_old, o in zip(after, before, online):
+        torch.testing.assert_close(t_new, tau * t_old + (1 - tau) * o)
+
+
+def test_tau_schedule_rises_from_tau_base_to_one():
+    assert B.target_tau(0, 100, 0.99) == 0.99
+    assert B.target_tau(50, 100, 0.99) == pytest.approx(0.995)
+    assert B.target_tau(100, 100, 0.99) == 1.0
+    taus = [B.target_tau(k, 100, 0.996) for k in range(101)]
+    assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+def test_heads_follow_networks_py():
+    model = small_model()
+    for head in (model.projector, model.predictor):
+        first, bn, _, last = head
+        assert first.bias is not None and isinstance(bn, nn.BatchNorm1d) and last.bias is None
+    assert model.predictor[0].in_features == model.predictor[-1].out_features == 16
+
+
+def test_end_to_end_and_resume_is_exact_including_the_target(tmp_path):
+    flags = "--batch-size 64 --epochs 2 --dim 32 --hidden-dim 64 --eval-every -1"
+    run = assert_resume_is_exact("byol.py", flags, tmp_path, n=4, k=2)
+    assert {"config.json", "metrics.jsonl", "ckpt.pt", "backbone.pt"} <= {p.name for p in run.iterdir()}
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [0, 1, 2, 3]
+    model = checkpoint(run)["model"]
+    online, target = model["backbone.features.0.weight"], model["target_backbone.features.0.weight"]
+    assert not torch.equal(online, target)  # the target lags behind the online network
+    C.TinyNet().load_state_dict(torch.load(run / "backbone.pt", weights_only=True))
