@@ -15,7 +15,10 @@ utils/schedules.py); every deviation from it is marked "Deviation:" below and li
     python byol.py --data /path/to/imagenet             # ImageNet recipe (Sec. 3.3) on one GPU
     torchrun --nproc_per_node=8 byol.py --data /path/to/imagenet      # 8 GPUs, --batch-size is the global 4096
 
-Result on the built-in shapes, 2-core CPU, tiny backbone: @RESULT@
+Result on the built-in shapes, 2-core CPU, tiny backbone: `python byol.py --max-steps 200` (200 of the demo's
+390 steps) reaches kNN top-1 36.6% (linear probe 57.9%) against 33.0% (54.2%) for the random-init network (seed 0;
+pixels: 22.0%); the whole 10-epoch demo reaches 38.7% (60.7%). BYOL is the slowest starter of the four methods
+here; GPU numbers are still to be measured.
 """
 
 import argparse
