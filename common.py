@@ -909,6 +909,11 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
+def process_rank():
+    """This process's rank under torchrun, 0 in a plain process (where the loss functions may also run)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def gather(x, grad=False):
     """Every rank's x concatenated in rank order, (W*N, ...). `grad=True` is differentiable: the backward sums
     all ranks' gradients for this rank's rows, so a loss averaged over the local rows, after DDP averages the

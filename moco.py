@@ -60,6 +60,7 @@ from common import (
     param_groups,
     pick_recipe,
     prepare_output_dir,
+    process_rank,
     run,
     save_atomic,
     setup,
@@ -234,7 +235,7 @@ def shuffled_keys(encode, x):
     permuted before the key encoder, so each process's BN statistics mix images from all processes and the
     query cannot cheat through them; the keys are then put back in order. One permutation for all ranks (drawn
     on rank 0, broadcast); with one process it shuffles within the batch (the demo's single-GPU version)."""
-    n, rank = len(x), dist.get_rank() if dist.is_initialized() else 0
+    n, rank = len(x), process_rank()
     x_all = gather(x)
     perm = torch.randperm(len(x_all), device=x.device)
     if dist.is_initialized():
@@ -321,7 +322,7 @@ def batch_loss(q, k, temperature):
     """v3 Alg. 1 ctr(q, k) (builder.py contrastive_loss): logits q . K / tau against the keys K of the whole
     global batch (gathered, no gradient), the positive of local query i at i + N * rank; scaled by 2 tau."""
     q, big_k = F.normalize(q, dim=1), gather(F.normalize(k, dim=1))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     labels = torch.arange(len(q), device=q.device) + rank * len(q)
     return F.cross_entropy(q @ big_k.T / temperature, labels) * 2 * temperature
 

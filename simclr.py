@@ -51,6 +51,7 @@ from common import (
     param_groups,
     pick_recipe,
     prepare_output_dir,
+    process_rank,
     run,
     save_atomic,
     setup,
@@ -170,7 +171,7 @@ def simclr_loss(z1, z2, temperature):
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     big1, big2 = gather(z1, grad=True), gather(z2, grad=True)  # (W*N, dim): every process's views
     n = len(z1)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     labels = torch.arange(n, device=z1.device) + rank * n  # where each anchor's own views sit in the gathered batch
     self_mask = F.one_hot(labels, len(big1)) * 1e9  # LARGE_NUM: a view is not its own negative
     logits_ab, logits_aa = z1 @ big2.T / temperature, z1 @ big1.T / temperature - self_mask
