@@ -1,13 +1,12 @@
 """byol.py: loss against the paper's equation, the EMA target (schedule, update, no gradient), heads, the
-script end to end with exact resume (target network included). No learning test: in short CPU runs on the
-built-in data BYOL stays within a few points of its random-init network (README, Measured)."""
+script end to end with exact resume (target network included), and that it learns on the built-in data."""
 
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_resume_is_exact, checkpoint, read_metrics
+from conftest import assert_it_learns, assert_resume_is_exact, checkpoint, read_metrics
 
 import byol as B
 import common as C
@@ -76,3 +75,10 @@ def test_end_to_end_and_resume_is_exact_including_the_target(tmp_path):
     online, target = model["backbone.features.0.weight"], model["target_backbone.features.0.weight"]
     assert not torch.equal(online, target)  # the target lags behind the online network
     C.TinyNet().load_state_dict(torch.load(run / "backbone.pt", weights_only=True))
+
+
+def test_it_learns(tmp_path):
+    """100 steps of the built-in demo (about 70 s): kNN top-1 39.5% against 33.0% for the random-init network
+    (seed 0). BYOL starts slowest of the methods here (no negatives, a lagging target), hence the smaller margin;
+    the demo's crops from 30% of the area are what make 100 steps enough (byol.py, RECIPES["builtin"])."""
+    assert_it_learns("byol.py", "--max-steps 100", tmp_path, margin=0.04)
