@@ -149,7 +149,7 @@ def view_recipe(size, small, crop_min):
     (0.4, 0.4, 0.2, 0.1) in random order with p 0.8, grayscale p 0.2, flip; blur p 1.0 on view 1 and 0.1 on
     view 2 (sigma in [0.1, 2], kernel 10% of the side), solarize p 0 on view 1 and 0.2 on view 2. No blur on
     small images (solo-learn's CIFAR recipe)."""
-    scale, jitter = (crop_min, 1.0), (0.4, 0.4, 0.2, 0.1)  # crop_min 0.08 but in the built-in demo
+    scale, jitter = (crop_min, 1.0), (0.4, 0.4, 0.2, 0.1)  # crop_min: 0.08, except in the built-in demo
     view1 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 1.0)
     view2 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 0.1, solarize_p=0.2)
     return [view1, view2]

@@ -108,11 +108,9 @@ def load_data(name, data_dir="data", device="cpu"):
         splits, classes = _read_fashion_mnist(Path(data_dir)), 10
     else:
         return _scan_folder(Path(name))
-    train, bank, test = [
-        Split(labels=y, images=x.to(device)) if i == 0 or x is not splits[0][0] else None
-        for i, (x, y) in enumerate(splits)
-    ]
-    bank = bank or train  # the same images: one copy on the device
+    (x, y), (xb, yb), (xt, yt) = splits
+    train, test = Split(labels=y, images=x.to(device)), Split(labels=yt, images=xt.to(device))
+    bank = train if xb is x else Split(labels=yb, images=xb.to(device))  # the same images: one copy on the device
     # Per-channel statistics of the training images, for input normalisation (as CIFAR trainers do).
     mean = tuple(train.images[:10_000].float().mean(dim=(0, 2, 3)).div(255).tolist())
     std = tuple(train.images[:10_000].float().std(dim=(0, 2, 3)).div(255).tolist())
@@ -919,13 +917,10 @@ def gather(x, grad=False):
     all ranks' gradients for this rank's rows, so a loss averaged over the local rows, after DDP averages the
     parameter gradients, gives exactly the one-process gradient of the loss over the global batch (SimCLR).
     `grad=False` returns a constant (MoCo's keys, which get no gradient)."""
+    x = x if grad else x.detach()  # a detached input: no backward is recorded
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x if grad else x.detach()
-    if grad:
-        return _GatherWithGrad.apply(x)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.detach().contiguous())
-    return torch.cat(out)
+        return x
+    return _GatherWithGrad.apply(x)
 
 
 def autocast_for(env, dtype):

@@ -431,11 +431,10 @@ def main():
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
             # v1: step schedule; v2: cosine (per epoch in main_moco.py; Deviation: per step); v3: warmup + cosine.
-            warmup = args.warmup_epochs * steps_per_epoch
             if args.schedule == "step":
                 lr_now = step_lr(step, total_steps, lr)
             else:
-                lr_now = cosine_lr(step, total_steps, lr, warmup=warmup)
+                lr_now = cosine_lr(step, total_steps, lr, warmup=args.warmup_epochs * steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             model.update_momentum_encoder(momentum_at(step, total_steps, args.moco_m, args.moco_m_cos))  # Eq. 2

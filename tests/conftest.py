@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,6 +91,17 @@ def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2):
     assert r.returncode == 0 and f"starting at step {k}" in r.stdout, r.stderr[-3000:]
     assert_same_run(straight, resumed)
     return straight
+
+
+def assert_trained_run(run_dir, steps):
+    """A finished CPU run folder: its files, a finite loss for each of steps 0..steps-1, and a backbone.pt that
+    the tiny backbone loads (torchvision-style keys, nothing of the heads)."""
+    import common as C
+
+    assert {"config.json", "metrics.jsonl", "ckpt.pt", "backbone.pt"} <= {p.name for p in Path(run_dir).iterdir()}
+    rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(steps)) and all(math.isfinite(r["train/loss"]) for r in rows)
+    C.TinyNet().load_state_dict(torch.load(Path(run_dir) / "backbone.pt", weights_only=True))
 
 
 @functools.lru_cache

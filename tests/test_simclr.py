@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_it_learns, assert_resume_is_exact, read_metrics
+from conftest import assert_it_learns, assert_resume_is_exact, assert_trained_run
 
 import common as C
 import simclr as S
@@ -64,9 +64,7 @@ def test_recipes_scale_the_lr_as_the_papers():
 def test_end_to_end_and_resume_is_exact(tmp_path, version):
     flags = f"--version {version} --batch-size 64 --epochs 2 --dim 32 --eval-every -1"
     run = assert_resume_is_exact("simclr.py", flags, tmp_path, n=4, k=2)
-    rows = [r for r in read_metrics(run) if "train/loss" in r]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(math.isfinite(r["train/loss"]) for r in rows)
-    C.TinyNet().load_state_dict(torch.load(run / "backbone.pt", weights_only=True))
+    assert_trained_run(run, steps=4)
     if version == "v2":  # the first head layer, where v2 fine-tunes from
         head = nn.Sequential(nn.Linear(256, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU())
         head.load_state_dict(torch.load(run / "head1.pt", weights_only=True))
