@@ -665,20 +665,30 @@ RESNETS = {
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
 }
-VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}  # dim, depth, heads
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}  # dim, depth, heads (DeiT/DINO)
 ARCHS = (*RESNETS, *VITS, "tiny")
 
 
 def build_backbone(
-    arch, image_size, small, zero_init_residual=False, in_channels=3, norm_layer=None, patch_size=None, sincos_pos=False
+    arch,
+    image_size,
+    small,
+    zero_init_residual=False,
+    in_channels=3,
+    norm_layer=None,
+    patch_size=None,
+    sincos_pos=False,
+    heads=None,
 ):
     """ResNets from torchvision (with the CIFAR stem when `small`), ViTs (patch 4 for small images, else 16),
-    or the tiny CPU test net."""
+    or the tiny CPU test net. The method file chooses what its source chooses: `zero_init_residual` (the last BN
+    of each residual branch starts at 0), a ViT's `heads` (default: VITS, DeiT/DINO's) and `sincos_pos`; a ViT
+    starts with DINO's init (ViT docstring), which a method file may replace with its source's."""
     if arch in RESNETS:
         return resnet(arch, small, zero_init_residual, in_channels, norm_layer)
     if arch in VITS:
-        dim, depth, heads = VITS[arch]
-        patch = patch_size or (4 if small else 16)
+        dim, depth, default_heads = VITS[arch]
+        patch, heads = patch_size or (4 if small else 16), heads or default_heads
         return ViT(image_size, patch, dim, depth, heads, in_channels=in_channels, sincos_pos=sincos_pos)
     if arch == "tiny":
         return TinyNet(in_channels, norm_layer=norm_layer)
@@ -741,14 +751,26 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer (Dosovitskiy et al., arXiv:2010.11929) returning the final-norm CLS token.
-    `sincos_pos`: a fixed 2-D sine-cosine position embedding instead of a learned one (MoCo v3)."""
+    """Vision Transformer (Dosovitskiy et al., arXiv:2010.11929) returning the final-norm CLS token. Init as DINO's
+    vision_transformer.py (and timm's): Linear weights, class token and learned position embedding trunc-normal
+    with std 0.02, biases 0, LayerNorm 1 and 0, the patch projection PyTorch's default; a method file may replace
+    it with its source's (moco.py: MoCo v3's). `sincos_pos`: a fixed 2-D sine-cosine position embedding instead of
+    a learned one (MoCo v3).
+
+    The head count does not change any weight's shape, so it is kept in the state_dict as the 0-d int64 buffer
+    `num_heads`: backbone.pt rebuilds with the right heads, and loading weights into a ViT with other heads is an
+    error rather than a silently different network. Drop that entry to load the weights elsewhere (timm etc.)."""
 
     def __init__(self, image_size, patch_size, dim, depth, heads, mlp_ratio=4.0, in_channels=3, sincos_pos=False):
         super().__init__()
         if image_size % patch_size:
             raise UserError(f"image size {image_size} is not a multiple of the ViT patch size {patch_size}")
+        if dim % heads:
+            raise UserError(f"ViT width {dim} is not a multiple of its {heads} heads")
         grid = image_size // patch_size
+        self.heads = heads
+        self.register_buffer("num_heads", torch.tensor(heads))
+        self._register_load_state_dict_pre_hook(self._check_heads)
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim), requires_grad=not sincos_pos)
@@ -757,16 +779,23 @@ class ViT(nn.Module):
         self.out_dim = dim
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if sincos_pos:
-            self.pos_embed.data[0, 1:] = sincos_2d(grid, dim)
+            self.pos_embed.data[0, 1:] = sincos_2d(grid, dim)  # the class token's entry stays 0
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def _check_heads(self, sd, prefix, *args):
+        key = prefix + "num_heads"
+        if key not in sd:  # an export written before the head count was recorded: all had dim // 64 heads
+            sd[key] = torch.tensor(self.out_dim // 64)
+        if int(sd[key]) != self.heads:
+            raise UserError(f"these ViT weights were trained with {int(sd[key])} heads; this ViT has {self.heads}")
+
     def forward(self, x):
-        x = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
+        x = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # token r * grid + c is patch (row r, col c)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
@@ -774,15 +803,19 @@ class ViT(nn.Module):
 
 
 def sincos_2d(grid, dim, temperature=10_000.0):
-    """Fixed 2-D sine-cosine position embedding (grid*grid, dim): half the channels encode x, half y."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
+    """Fixed 2-D sine-cosine position embedding (grid*grid, dim) of the patch tokens in row-major order, as
+    moco-v3 vits.py build_2d_sincos_position_embedding: with f_i = temperature^(-i / (dim/4)), i < dim/4,
+    channels [sin(r f), cos(r f), sin(c f), cos(c f)] for the patch at row r, column c. (vits.py's
+    meshgrid(grid_w, grid_h) with 'ij' indexing makes its first half, named w, vary along the token rows.)"""
+    r, c = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float) / (dim // 4))
-    out_x, out_y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega
-    return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], 1)
+    out_r, out_c = r.flatten()[:, None] * omega, c.flatten()[:, None] * omega
+    return torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], 1)
 
 
 def backbone_from_state_dict(sd, image_size):
-    """Rebuild the backbone an exported backbone.pt came from, reading the architecture off its weights."""
+    """Rebuild the backbone an exported backbone.pt came from, reading the architecture off its weights (and a
+    ViT's head count off its `num_heads` entry)."""
     if "conv1.weight" in sd:
         depth = max(int(k.split(".")[1]) for k in sd if k.startswith("layer3.")) + 1
         arch = "resnet50" if "layer1.0.conv3.weight" in sd else {2: "resnet18", 6: "resnet34"}.get(depth)
@@ -792,7 +825,8 @@ def backbone_from_state_dict(sd, image_size):
     if "patch_embed.weight" in sd:
         dim, c, p, _ = sd["patch_embed.weight"].shape
         depth = max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")) + 1
-        return ViT(image_size, p, dim, depth, dim // 64, in_channels=c)
+        heads = int(sd["num_heads"]) if "num_heads" in sd else dim // 64  # older exports: dim // 64 heads
+        return ViT(image_size, p, dim, depth, heads, in_channels=c)
     if "features.0.weight" in sd:
         return TinyNet(sd["features.0.weight"].shape[1], sd["features.0.weight"].shape[0])
     raise UserError("this file is not a backbone.pt written by these trainers (unknown weight names)")
@@ -823,9 +857,10 @@ def knn_top1(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, env=No
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=1024, lr=0.4, seed=0):
     """Top-1 of a linear classifier on frozen, precomputed features (no augmentation): features standardised
-    with the training mean/std (a BatchNorm without affine, as MoCo v3/MAE put before their probes), then
-    cross-entropy with Nesterov SGD (momentum 0.9, no weight decay) and a per-step cosine schedule. The same
-    seed gives the same classifier on every rank, so no communication is needed."""
+    with the training mean/std (a BatchNorm without affine, as MAE's main_linprobe.py puts before its probe;
+    MoCo v3's main_lincls.py has none), then cross-entropy with Nesterov SGD (momentum 0.9, no weight decay) and
+    a per-step cosine schedule. The same seed gives the same classifier on every rank, so no communication is
+    needed."""
     keep = train_y >= 0
     train_f, train_y = train_f[keep].float(), train_y[keep].to(train_f.device)
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
@@ -948,7 +983,10 @@ def pick_recipe(recipes, data, env, args):
 
 
 def cosine_lr(step, total, base, warmup=0, final=0.0):
-    """Linear warmup from 0 over `warmup` steps, then half a cosine from `base` to `final` at `total`."""
+    """Linear warmup over `warmup` steps, then half a cosine from `base` to `final` at `total`. Deviation: the
+    warmup reaches base * (step + 1) / warmup, so step 0 already moves the weights and the last warmup step is at
+    `base`; SimCLR (model_util.py learning_rate_schedule), BYOL (utils/schedules.py learning_schedule) and MoCo v3
+    (main_moco.py adjust_learning_rate) use base * step / warmup (0 at step 0, `base` at step `warmup`)."""
     if step < warmup:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -956,8 +994,11 @@ def cosine_lr(step, total, base, warmup=0, final=0.0):
 
 
 def param_groups(model, weight_decay, exclude_norm_bias=True):
-    """Two groups: weights with decay, and biases/norm parameters (ndim <= 1) without decay or LARS adaptation
-    (SimCLR/BYOL exclude `bias` and batch-norm variables; MoCo v3 excludes ndim <= 1)."""
+    """Two groups of the trainable parameters: weights with decay, and biases and norm parameters (ndim <= 1)
+    without decay or LARS adaptation (`lars_exclude`). The sources name the same set in their own ways:
+    moco-v3 moco/optimizer.py skips p.ndim <= 1; SimCLR (model_util.py get_optimizer) excludes variables named
+    'batch_normalization' or 'bias'; BYOL (utils/optimizers.py exclude_bias_and_norm) biases ('b') and modules
+    named '*norm*'. In the ResNets and heads here every 1-D parameter is a bias or a norm's scale/offset."""
     decay, rest = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -969,19 +1010,25 @@ def param_groups(model, weight_decay, exclude_norm_bias=True):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rates (You et al., arXiv:1708.03888). For each tensor:
-    g <- g + wd*w; g <- g * eta*||w|| / ||g|| (1 where either norm is 0); v <- m*v + g; w <- w - lr*v.
-    Groups with `lars_exclude` skip the trust ratio (and have wd 0 from `param_groups`). No host syncs.
-    `clip` (LARC's clip mode, as solo-learn's CIFAR recipes use with eta 0.02): the trust ratio becomes
-    min(trust / lr, 1), so each tensor steps with lr min(eta*||w||/||g||, lr)."""
+    """SGD with momentum and layer-wise adaptive rates (You et al., arXiv:1708.03888). For each tensor w with
+    gradient g:  g <- g + wd*w;  t = eta*||w|| / ||g|| (1 where either norm is 0; t = 1 in `lars_exclude` groups,
+    whose wd is 0 from `param_groups`). Two momentum forms, which differ only while the lr changes:
+      lr_in_momentum=False (moco-v3 moco/optimizer.py; BYOL utils/optimizers.py, where optax.scale(-lr) follows
+          the momentum):    v <- m*v + t*g;       w <- w - lr*v
+      lr_in_momentum=True  (SimCLR lars_optimizer.py with classic_momentum=True, its default, which
+          model_util.py get_optimizer keeps):    v <- m*v + lr*t*g;    w <- w - v
+    `clip` (LARC's clip mode, as solo-learn's CIFAR recipes use with eta 0.02): t <- min(t / lr, 1), so each
+    tensor steps with lr * t = min(eta*||w||/||g||, lr). No host syncs."""
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False, lr_in_momentum=False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip, lars_exclude=False)
+        defaults["lr_in_momentum"] = lr_in_momentum
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            lr = group["lr"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -989,12 +1036,16 @@ class LARS(torch.optim.Optimizer):
                 if not group["lars_exclude"]:
                     w_norm, g_norm = p.norm(), g.norm()
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
-                    if group["clip"] and group["lr"] > 0:  # LARC "clip" mode: the step is lr * min(trust/lr, 1)
-                        trust = (trust / group["lr"]).clamp(max=1.0)
+                    if group["clip"] and lr > 0:  # LARC "clip" mode: the step is lr * min(trust/lr, 1)
+                        trust = (trust / lr).clamp(max=1.0)
                     g = g.mul(trust)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                if group["lr_in_momentum"]:
+                    buf.mul_(group["momentum"]).add_(g, alpha=lr)
+                    p.sub_(buf)
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                    p.add_(buf, alpha=-lr)
 
 
 # Flags that may differ when a run is resumed; every other entry of the config must match the checkpoint.
