@@ -201,6 +201,28 @@ def target_tau(step, total, tau_base):
     return 1 - (1 - tau_base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
+def make_backbone(args, small):
+    """The encoder f. Haiku's ResNet BlockV1 (hk.nets.ResNet.BlockGroup, which utils/networks.py builds on) starts
+    the last BN scale of each bottleneck block at 0 (batchnorm_2, scale_init=jnp.zeros); its basic blocks
+    (ResNet-18/34) keep 1. Here: torchvision's zero_init_residual for the bottleneck ResNet-50 only."""
+    return build_backbone(args.arch, args.image_size, small, zero_init_residual=args.arch == "resnet50")
+
+
+def make_optimizer(model, args):
+    """LARS as byol_experiment.py _optimizer builds it (utils/optimizers.py lars; configs/byol.py: momentum 0.9,
+    eta 1e-3): biases and norm parameters excluded from weight decay and adaptation (exclude_bias_and_norm, here
+    param_groups), the lr outside the momentum buffer (optax.scale(-lr) after scale_by_lars). The target's
+    parameters have requires_grad off and so are not in the optimizer. The lr is set every step."""
+    return LARS(param_groups(model, args.wd), eta=args.lars_eta, clip=args.lars_clip)
+
+
+def learning_rate(step, steps_per_epoch, args):
+    """utils/schedules.py learning_schedule: base lr x BatchSize / 256, linear warmup, then cosine decay to 0.
+    Deviation: the warmup starts at lr / W, not 0 (common.cosine_lr)."""
+    lr = args.lr * args.batch_size / 256
+    return cosine_lr(step, args.epochs * steps_per_epoch, lr, warmup=args.warmup_epochs * steps_per_epoch)
+
+
 # ---- LOSS --------------------------------------------------------------------------------------------------
 def byol_loss(p1, p2, z1, z2):
     """Eq. 2 and 4: l(p, z) = 2 - 2 cos(p, z) for each view's prediction against the other view's target
@@ -224,15 +246,12 @@ def main():
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
     views = view_recipe(args.image_size, small, args.crop_min)
     loader = TrainLoader(data, views, args.batch_size, env, args.seed, args.workers)
-    backbone = build_backbone(args.arch, args.image_size, small)
+    backbone = make_backbone(args, small)
     model = BYOL(backbone, args.hidden_dim, args.dim)
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
-    lr = args.lr * args.batch_size / 256  # configs/byol.py: lr = base lr x BatchSize / 256
-    # LARS; biases and BN parameters get no weight decay and no trust ratio (utils/optimizers.py). The target's
-    # parameters have requires_grad off and so are not in the optimizer.
-    optimizer = LARS(param_groups(model, args.wd), lr=lr, eta=args.lars_eta, clip=args.lars_clip)
+    optimizer = make_optimizer(model, args)  # LARS, lr outside the momentum; no decay or adaptation on BN and bias
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -284,8 +303,7 @@ def main():
     while step < last_step:
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
-            # Linear warmup, then cosine decay to 0, set every step (Sec. 3.3, configs/byol.py).
-            lr_now = cosine_lr(step, total_steps, lr, warmup=args.warmup_epochs * steps_per_epoch)
+            lr_now = learning_rate(step, steps_per_epoch, args)  # warmup, then cosine to 0, every step (Sec. 3.3)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             with autocast():  # Fig. 2: online q(g(f(x))) and target g'(f'(x)) for both views

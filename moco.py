@@ -300,6 +300,71 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
 
 
+def init_vit(vit):
+    """moco-v3 vits.py VisionTransformerMoCo.__init__: Linear weights Xavier-uniform with zero biases, except qkv,
+    whose Q, K and V are each initialised as a d x d matrix (bound sqrt(6 / (d + d)), not Xavier over the fused
+    3d x d); class token N(0, 1e-6); the patch projection Xavier-uniform over fan-in c p^2 and fan-out dim (its
+    scale is permanent once frozen; vits.py writes 3 p^2 for RGB) with a zero bias. The sin-cos position
+    embedding is set by the ViT itself (sincos_pos)."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            if name.endswith("qkv"):
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    w = vit.patch_embed.weight  # (dim, c, p, p)
+    bound = math.sqrt(6.0 / (w[0].numel() + w.shape[0]))
+    nn.init.uniform_(w, -bound, bound)
+    nn.init.zeros_(vit.patch_embed.bias)
+
+
+def make_backbone(args, small, norm_layer=None):
+    """The encoder f. v1/v2: torchvision's default init (moco builder.py base_encoder(num_classes=dim)). v3:
+    ResNets with zero_init_residual (moco-v3 main_moco.py); ViTs as vits.py (Sec. 4.2): 12 heads, ViT-S too
+    (moco-v3#7: better than DeiT's 6 at the same cost), a fixed sin-cos position embedding, `init_vit`, and the
+    patch projection frozen at its random init (--stop-grad-conv1)."""
+    vit = args.arch.startswith("vit")
+    backbone = build_backbone(
+        args.arch,
+        args.image_size,
+        small,
+        zero_init_residual=args.version == "v3",
+        norm_layer=norm_layer,
+        sincos_pos=vit,
+        heads=12 if vit else None,
+    )
+    if vit:
+        init_vit(backbone)
+        backbone.patch_embed.requires_grad_(False)
+    return backbone
+
+
+def make_optimizer(model, args):
+    """v1/v2 (moco main_moco.py): SGD, momentum 0.9, weight decay on every parameter. v3 (moco-v3 main_moco.py):
+    ResNet: LARS of moco/optimizer.py (momentum 0.9, trust coefficient 1e-3, no decay or adaptation for ndim <= 1,
+    the lr outside the momentum buffer); ViT: AdamW, weight decay on every parameter. Parameters without gradient
+    (the key encoder, a frozen patch projection) are left out. The lr is set every step from `learning_rate`."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
+    if args.optimizer == "lars":
+        return LARS(param_groups(model, args.wd), eta=args.lars_eta, clip=args.lars_clip)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.wd)
+
+
+def learning_rate(step, steps_per_epoch, args):
+    """base lr x BatchSize / 256 (moco-v3 main_moco.py). Deviation: v1/v2 scale too, as the moco README advises
+    (0.015 at batch 128); its main_moco.py takes --lr as given. v1: x 0.1 at 60% and 80% of training; v2: cosine
+    to 0 (per epoch in main_moco.py; Deviation: per step); v3: linear warmup, then cosine to 0 (main_moco.py
+    adjust_learning_rate, per step; Deviation: the warmup starts at lr / W, not 0, common.cosine_lr)."""
+    lr, total = args.lr * args.batch_size / 256, args.epochs * steps_per_epoch
+    if args.schedule == "step":
+        return step_lr(step, total, lr)
+    return cosine_lr(step, total, lr, warmup=args.warmup_epochs * steps_per_epoch)
+
+
 def momentum_at(step, total, m, cos):
     """v1/v2: a constant m. v3 (main_moco.py adjust_moco_momentum, per step): 1 - (1 - m)(1 + cos(pi t/T))/2."""
     return 1 - (1 - m) * (math.cos(math.pi * step / total) + 1) / 2 if cos else m
@@ -360,25 +425,12 @@ def main():
     if (args.batch_size // env.world_size) % args.bn_splits:
         raise UserError(f"--bn-splits {args.bn_splits} does not divide the per-process batch")
     norm = functools.partial(SplitBatchNorm, splits=args.bn_splits) if args.bn_splits > 1 else None
-    # v3: zero_init_residual as moco-v3 main_moco.py; v1/v2 use torchvision's default init. ViT (v3 Sec. 4.2):
-    # a fixed sin-cos position embedding and the patch projection frozen at its random init (--stop-grad-conv1).
-    vit = args.arch.startswith("vit")
-    backbone = build_backbone(
-        args.arch, args.image_size, small, zero_init_residual=args.version == "v3", norm_layer=norm, sincos_pos=vit
-    )
-    if vit:
-        backbone.patch_embed.requires_grad_(False)
+    backbone = make_backbone(args, small, norm)
     model = MoCo(backbone, args.version, args.dim, args.hidden_dim, args.queue_size, args.symmetric)
     if env.world_size > 1 and env.device.type == "cuda" and args.version == "v3":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # v3 uses SyncBN; v1/v2 Shuffling BN instead
     model = model.to(env.device, memory_format=torch.channels_last)
-    lr = args.lr * args.batch_size / 256  # main_moco.py: lr = base lr x BatchSize / 256
-    if args.optimizer == "sgd":  # v1/v2: momentum SGD, weight decay on every parameter
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.wd)
-    elif args.optimizer == "lars":  # v3 ResNet: LARS without decay or adaptation on ndim <= 1 (optimizer.py)
-        optimizer = LARS(param_groups(model, args.wd), lr=lr, eta=args.lars_eta, clip=args.lars_clip)
-    else:  # v3 ViT: AdamW on every trainable parameter
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.wd)
+    optimizer = make_optimizer(model, args)  # v1/v2: SGD; v3: LARS (ResNet) or AdamW (ViT)
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -430,11 +482,7 @@ def main():
     while step < last_step:
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
-            # v1: step schedule; v2: cosine (per epoch in main_moco.py; Deviation: per step); v3: warmup + cosine.
-            if args.schedule == "step":
-                lr_now = step_lr(step, total_steps, lr)
-            else:
-                lr_now = cosine_lr(step, total_steps, lr, warmup=args.warmup_epochs * steps_per_epoch)
+            lr_now = learning_rate(step, steps_per_epoch, args)  # v1: steps; v2: cosine; v3: warmup + cosine
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             model.update_momentum_encoder(momentum_at(step, total_steps, args.moco_m, args.moco_m_cos))  # Eq. 2

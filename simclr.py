@@ -161,6 +161,28 @@ class SimCLR(nn.Module):
         return z.chunk(2)
 
 
+def make_backbone(args, small):
+    """The encoder f, with the last BN of each residual branch (basic and bottleneck blocks) starting at 0:
+    resnet.py residual_block / bottleneck_block, batch_norm_relu(..., init_zero=True)."""
+    return build_backbone(args.arch, args.image_size, small, zero_init_residual=True)
+
+
+def make_optimizer(model, args):
+    """LARS as model_util.py get_optimizer builds it: momentum 0.9 (run.py), eta 1e-3 (lars_optimizer.py
+    EETA_DEFAULT), 'batch_normalization' and 'bias' variables excluded from weight decay and adaptation
+    (param_groups), and lars_optimizer.py's default classic momentum: the lr inside the momentum buffer. The lr is
+    set every step from `learning_rate`."""
+    return LARS(param_groups(model, args.wd), eta=args.lars_eta, clip=args.lars_clip, lr_in_momentum=True)
+
+
+def learning_rate(step, steps_per_epoch, args):
+    """App. B.1 / model_util.py learning_rate_schedule: base lr x BatchSize / 256 (linear) or base lr x
+    sqrt(BatchSize) (square root, v2); linear warmup, then cosine decay to 0, set every step. Deviation: the
+    warmup starts at lr / W, not 0 (common.cosine_lr)."""
+    lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    return cosine_lr(step, args.epochs * steps_per_epoch, lr, warmup=args.warmup_epochs * steps_per_epoch)
+
+
 # ---- LOSS --------------------------------------------------------------------------------------------------
 def simclr_loss(z1, z2, temperature):
     """NT-Xent (Eq. 1) as objective.py computes it. With z normalised and the global batch Z1, Z2 gathered from
@@ -195,15 +217,12 @@ def main():
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
     views = view_recipe(args.image_size, small, args.color_strength)
     loader = TrainLoader(data, views, args.batch_size, env, args.seed, args.workers)
-    backbone = build_backbone(args.arch, args.image_size, small)
+    backbone = make_backbone(args, small)
     model = SimCLR(backbone, args.proj_layers, args.dim)
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's global BN (Sec. 3)
     model = model.to(env.device, memory_format=torch.channels_last)
-    # App. B.1: lr = base lr x BatchSize / 256 (linear) or base lr x sqrt(BatchSize) (square root, v2)
-    lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
-    # LARS; biases and BN parameters get no weight decay and no trust ratio (model_util.py).
-    optimizer = LARS(param_groups(model, args.wd), lr=lr, eta=args.lars_eta, clip=args.lars_clip)
+    optimizer = make_optimizer(model, args)  # LARS, lr inside the momentum; no decay or adaptation on BN and bias
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -258,8 +277,7 @@ def main():
     while step < last_step:
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
-            # Linear warmup, then cosine decay to 0, set every step (App. B.1).
-            lr_now = cosine_lr(step, total_steps, lr, warmup=args.warmup_epochs * steps_per_epoch)
+            lr_now = learning_rate(step, steps_per_epoch, args)  # warmup, then cosine to 0, every step (App. B.1)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             with autocast():  # Alg. 1: z = g(f(x)) for both views

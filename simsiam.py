@@ -162,6 +162,30 @@ class SimSiam(nn.Module):
         return self.predictor(z1), self.predictor(z2), z1, z2
 
 
+def make_backbone(args, small):
+    """The backbone of f, with the last BN of each residual branch starting at 0: simsiam/builder.py builds
+    base_encoder(num_classes=dim, zero_init_residual=True)."""
+    return build_backbone(args.arch, args.image_size, small, zero_init_residual=True)
+
+
+def make_optimizer(model, args):
+    """main_simsiam.py: SGD, momentum 0.9, weight decay on every parameter; the predictor in its own group, whose
+    lr stays at the base lr with --fix-pred-lr (`fix_lr`). The lr is set every step from `learning_rate`."""
+    groups = [
+        {"params": [*model.backbone.parameters(), *model.projector.parameters()], "fix_lr": False},
+        {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr},
+    ]
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.wd)
+
+
+def learning_rate(step, steps_per_epoch, args, fixed=False):
+    """Sec. 4 / main_simsiam.py: base lr x BatchSize / 256, cosine decay to 0 with no warmup; `fixed` (the
+    predictor with --fix-pred-lr, Sec. 4.2, Table 1): the base lr throughout. Deviation: the official
+    adjust_learning_rate sets the cosine once per epoch; this sets it every step."""
+    lr = args.lr * args.batch_size / 256
+    return lr if fixed else cosine_lr(step, args.epochs * steps_per_epoch, lr)
+
+
 # ---- LOSS --------------------------------------------------------------------------------------------------
 def simsiam_loss(p1, p2, z1, z2, stop_grad=True):
     """Eq. 4: L = D(p1, sg z2)/2 + D(p2, sg z1)/2 with D(p, z) = -cos(p, z) averaged over the batch (Eq. 1).
@@ -184,22 +208,12 @@ def main():
 
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
     loader = TrainLoader(data, view_recipe(args.image_size, small), args.batch_size, env, args.seed, args.workers)
-    # zero_init_residual: the last BN of each residual branch starts at 0, as in the official builder.py.
-    backbone = build_backbone(args.arch, args.image_size, small, zero_init_residual=True)
+    backbone = make_backbone(args, small)
     model = SimSiam(backbone, args.proj_layers, args.dim, args.pred_dim)
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
-    lr = args.lr * args.batch_size / 256  # Sec. 4: lr = base lr x BatchSize / 256
-    optimizer = torch.optim.SGD(
-        [
-            {"params": [*model.backbone.parameters(), *model.projector.parameters()], "fix_lr": False},
-            {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr},
-        ],
-        lr=lr,
-        momentum=0.9,
-        weight_decay=args.wd,
-    )
+    optimizer = make_optimizer(model, args)  # SGD, weight decay on every parameter, the predictor in its own group
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -251,11 +265,9 @@ def main():
     while step < last_step:
         epoch, stds = step // steps_per_epoch, []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
-            # Cosine decay, no warmup (Sec. 4); the predictor keeps the base lr (Sec. 4.2, Table 1).
-            # Deviation: set every step; the official code sets it once per epoch.
-            lr_now = cosine_lr(step, total_steps, lr)
+            lr_now = learning_rate(step, steps_per_epoch, args)  # cosine, no warmup (Sec. 4), every step
             for group in optimizer.param_groups:
-                group["lr"] = lr if group["fix_lr"] else lr_now
+                group["lr"] = learning_rate(step, steps_per_epoch, args, fixed=group["fix_lr"])
             with autocast():  # Alg. 1: z1, z2 = f(x1), f(x2); p1, p2 = h(z1), h(z2)
                 p1, p2, z1, z2 = train_model(x1, x2)
             # Alg. 1: L = D(p1, z2)/2 + D(p2, z1)/2, in float32 whatever the autocast dtype.
