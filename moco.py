@@ -120,7 +120,8 @@ parser.add_argument("--crop-min", type=float, default=None, help="smallest crop 
 parser.add_argument("--dim", type=int, default=None, help="output size: 128 v1/v2, 256 v3 (recipe)")
 parser.add_argument("--hidden-dim", type=int, default=4096, help="v3 MLP hidden size")
 
-# main_moco.py: ResNet-50, batch 256, SGD lr 0.03 * bs/256, momentum 0.9, wd 1e-4, 200 epochs, K 65536, m 0.999.
+# main_moco.py: ResNet-50, batch 256, SGD lr 0.03 (the README: scale linearly with the batch), momentum 0.9, wd
+# 1e-4, 200 epochs, K 65536, m 0.999.
 V1 = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0)
 V1 |= dict(queue_size=65536, moco_m=0.999, moco_m_cos=False, symmetric=False, dim=128, crop_min=0.2)
 V1 |= dict(knn_k=20, knn_t=0.07)  # kNN as DINO reports it
