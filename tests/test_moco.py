@@ -159,9 +159,12 @@ def test_v3_vit_freezes_the_patch_projection_and_uses_sincos_positions(tmp_path)
     assert config["optimizer"] == "adamw" and config["temperature"] == 0.2 and config["wd"] == 0.1
     model = checkpoint(tmp_path)["model"]
     torch.manual_seed(0)  # the patch projection is still the random init both encoders started from
-    fresh = C.build_backbone("vit_tiny", 32, small=True, sincos_pos=True)
+    args = M.parser.parse_args(flags.split())
+    args.image_size = 32
+    fresh = M.make_backbone(args, small=True)
     assert torch.equal(model["backbone.patch_embed.weight"], fresh.patch_embed.weight)
-    torch.testing.assert_close(model["backbone.pos_embed"][0, 1:], C.sincos_2d(8, 192))
+    assert torch.equal(model["backbone.pos_embed"], fresh.pos_embed)  # its values: tests/test_models_optim.py
+    assert int(model["backbone.num_heads"]) == 12  # moco-v3 vits.py
     assert not torch.equal(model["backbone.blocks.0.attn.qkv.weight"], fresh.blocks[0].attn.qkv.weight)
 
 
