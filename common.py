@@ -583,7 +583,8 @@ def _decode(path):
       value is an error.
     - 16-bit RGB(A) PNG/TIFF: PIL keeps the high byte, within 1 of v * 255 / 65535.
     - Animations and multi-page files (GIF, APNG, WebP, TIFF): the first frame. Truncated or corrupt files fail.
-    torchvision.io.decode_image is not used: it returns uint16 for 16-bit PNGs and every frame of a GIF."""
+    torchvision.io.decode_image is not used: it returns uint16 for 16-bit PNGs and every frame of a GIF.
+    Deviation: torchvision's ImageFolder loader (the official trainers') clips 16-bit and float images at 255."""
     from PIL import Image
 
     try:

@@ -188,6 +188,26 @@ def test_truncated_and_corrupt_files_get_one_line_naming_the_file(tmp_path):
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_truncated_file_stops_training_and_evaluation_with_one_line(tmp_path):
+    """The header reads (the recipe's sample), the worker's decode fails: the loaders raise one UserError."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for i in range(4):
+            _png(root / split / "a" / f"{i}.png")
+        bad = root / split / "a" / "2.png"
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        bad.write_bytes(buf.getvalue()[:300])
+    d, env = C.load_data(str(root)), C.Env(0, 1, 0, torch.device("cpu"))
+    loader = C.TrainLoader(d, [C.ViewAug(size=SIDE)], 4, env, seed=0, workers=0)
+    with pytest.raises(C.UserError, match="cannot decode image") as e:
+        next(loader.epoch(0))
+    assert str(root / "train" / "a" / "2.png") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(C.UserError, match="cannot decode image") as e:
+        C.extract_features(torch.nn.Flatten(), d.test, d, env, SIDE, workers=0)
+    assert str(root / "val" / "a" / "2.png") in str(e.value)
+
+
 def _png(path, side=SIDE, height=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (side, height or side), (40, 80, 120)).save(path)
@@ -242,6 +262,14 @@ def test_val_without_class_folders_is_a_warning_not_silence(tmp_path, capsys):
     d = C.load_data(str(root))
     assert d.test is None and "no val/" in d.describe("small")
     assert "1 lie in it directly" in capsys.readouterr().err
+
+
+def test_without_train_the_class_folders_train_and_val_evaluates(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a/1", "b/2", "val/a/3", "val/b/4"):
+        _png(root / f"{name}.png")
+    d = C.load_data(str(root))
+    assert d.num_classes == 2 and len(d.train) == 2 and d.test.labels.tolist() == [0, 1]
 
 
 def test_the_recipe_is_decided_by_the_median_of_a_sample_and_the_start_line_says_why(tmp_path):
