@@ -581,7 +581,7 @@ def _decode(path):
       same scale; a value outside 0..65535 is an error (no range to read it in).
     - F (32-bit float): [0, 1] when every value lies in [0, 1], else [0, 255]; a negative, non-finite or larger
       value is an error.
-    - 16-bit RGB(A) PNG/TIFF: PIL keeps the high byte, within 1 of v * 255 / 65535.
+    - 16-bit RGB(A) PNG: PIL keeps the high byte, within 1 of v * 255 / 65535.
     - Animations and multi-page files (GIF, APNG, WebP, TIFF): the first frame. Truncated or corrupt files fail.
     torchvision.io.decode_image is not used: it returns uint16 for 16-bit PNGs and every frame of a GIF.
     Deviation: torchvision's ImageFolder loader (the official trainers') clips 16-bit and float images at 255."""
@@ -598,7 +598,7 @@ def _to_rgb8(im):
     import numpy as np
 
     if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
-        return TF.pil_to_tensor(im.convert("RGB"))
+        return TF.pil_to_tensor(im if im.mode == "RGB" else im.convert("RGB"))  # (3, H, W)
     a = np.asarray(im, dtype=np.float64)  # (H, W); native byte order whatever the mode's
     if not np.isfinite(a).all() or a.min() < 0 or a.max() > (255 if im.mode == "F" else 65535):
         raise ValueError(f"mode {im.mode} pixel values {a.min():g}..{a.max():g} lie outside the ranges read")

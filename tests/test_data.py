@@ -141,7 +141,9 @@ def test_every_mode_format_and_frame_count_decodes_to_8_bit_rgb(tmp_path):
     assert list(errors) == [""] * len(files)
     _assert_within_one(crops, cases)
     # The evaluation path: resize the short side to round(7 * 256 / 224) = SIDE (unchanged), centre-crop 7.
-    evaluate = torch.utils.data.DataLoader(C._FolderEval([(f, 0) for f in files], 7), batch_size=len(files))
+    evaluate = torch.utils.data.DataLoader(
+        C._FolderEval([(f, 0) for f in files], 7), batch_size=len(files), num_workers=1
+    )
     images, errors = next(iter(evaluate))
     assert list(errors) == [""] * len(files)
     _assert_within_one(images, [(p, TF.center_crop(want, [7, 7])) for p, want in cases])
