@@ -86,13 +86,34 @@ class Split:
 @dataclass
 class Data:
     name: str
-    image_size: int  # side of the stored images (of the first image, for folders)
+    image_size: int  # side of the stored images; for folders the median short side of a sample (`size_sample`)
     num_classes: int
     mean: tuple
     std: tuple
     train: Split  # what the self-supervised loss trains on
     bank: Split  # labeled training images: the kNN memory and the linear probe's training set
     test: Split | None  # held-out evaluation images (None: an image folder without val/)
+    size_sample: int = 0  # folders: how many files image_size was measured on (0: every image has that side)
+
+    def describe(self, recipe):
+        """The start line's account of the data: the recipe and why (pick_recipe compares image_size with
+        SMALL_IMAGE), then the image and class counts of the training and evaluation splits."""
+        side = (
+            f"median image side {self.image_size} px over {self.size_sample} sampled files"
+            if self.size_sample
+            else f"{self.image_size} px images"
+        )
+        why = f"{side} {'<=' if self.image_size <= SMALL_IMAGE else '>'} {SMALL_IMAGE}"
+        folder = self.train.files is not None
+        held_out = f"{'val' if folder else 'test'} {_count(self.test)}" if self.test is not None else "no val/"
+        return f"{recipe} recipe ({why}), train {_count(self.train)}, {held_out}"
+
+
+def _count(split):
+    """'N images in C classes', with the unlabeled ones counted apart (STL-10's unlabeled part)."""
+    labels = split.labels
+    classes, unlabeled = labels[labels >= 0].unique().numel(), int((labels < 0).sum())
+    return f"{len(split)} images in {classes} classes" + (f" ({unlabeled} unlabeled)" if unlabeled else "")
 
 
 def load_data(name, data_dir="data", device="cpu"):
@@ -251,8 +272,13 @@ def _read_fashion_mnist(root):
     )
 
 
+SIZE_SAMPLE = 64  # image folders: image_size is the median short side of this many evenly spaced files
+
+
 def _scan_folder(root):
-    """An ImageNet-style folder: root/train/<class>/<image> (or root/<class>/<image>), root/val/<class>/<image>."""
+    """An ImageNet-style folder: root/train/<class>/<image> (or root/<class>/<image>), root/val/<class>/<image>.
+    Names beginning with "." are skipped at every depth (.ipynb_checkpoints, macOS ._name stubs, .git). Val
+    labels follow the training class names; val classes that train lacks are left out with a warning."""
     if not root.exists():
         raise UserError(
             f"--data {root}: no such folder; pass an image folder (DIR/train/<class>/<image>) "
@@ -260,10 +286,10 @@ def _scan_folder(root):
         )
     if not root.is_dir():
         raise UserError(f"--data {root} is a file; pass a folder laid out as DIR/train/<class>/<image>")
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    train_dir, val_dir = (root / "train" if (root / "train").is_dir() else root), root / "val"
+    classes = [c for c in _class_dirs(train_dir) if train_dir / c != val_dir]  # root/val is never a class
     if not classes:
-        loose = [f for f in train_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = _images(train_dir, recurse=False)
         raise UserError(
             f"{train_dir} has no class subfolders"
             + (
@@ -273,31 +299,83 @@ def _scan_folder(root):
                 else " and no images; expected DIR/train/<class>/<image>"
             )
         )
+    index = {c: label for label, c in enumerate(classes)}  # val is labelled by class name, as train is
 
-    def scan(d):
-        files = []
-        for label, c in enumerate(classes):
-            if (d / c).is_dir():
-                files += [(str(p), label) for p in sorted((d / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        return files
+    def scan(d, names):
+        return [(f, index[c]) for c in names for f in _images(d / c)]
 
-    train_files = scan(train_dir)
+    train_files = scan(train_dir, classes)
     if not train_files:
         raise UserError(
             f"{train_dir} holds {len(classes)} class folders but no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
         )
-    val_files = scan(root / "val") if (root / "val").is_dir() else []
-    from PIL import Image  # the side of the first image picks the recipe (ImageNet-scale or small-image)
-
-    try:
-        with Image.open(train_files[0][0]) as im:
-            side = max(im.size)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read image {train_files[0][0]} ({e}); delete or replace it") from None
+    val_files = []
+    if val_dir.is_dir():
+        val_classes = _class_dirs(val_dir)
+        shared, extra = [c for c in val_classes if c in index], [c for c in val_classes if c not in index]
+        if val_classes and not shared:
+            raise UserError(
+                f"{val_dir} and {train_dir} have no class folder in common (val: {_names(val_classes)}; "
+                f"train: {_names(classes)}); name the val/<class> folders as in train/, or remove val/"
+            )
+        if extra:
+            _warn(f"{len(extra)} val classes are not in train/ and are left out of evaluation: {_names(extra)}")
+        val_files = scan(val_dir, shared)
+        if not val_files:
+            loose = _images(val_dir, recurse=False)
+            _warn(
+                f"{val_dir} holds no images in class subfolders"
+                + (f" ({len(loose)} lie in it directly; sort them into val/<class>/)" if loose else "")
+                + "; no evaluation"
+            )
+    side, sampled = _median_side([f for f, _ in train_files])
     labels = lambda fs: torch.tensor([y for _, y in fs], dtype=torch.long)  # noqa: E731
     train = Split(labels(train_files), files=train_files)
     test = Split(labels(val_files), files=val_files) if val_files else None
-    return Data(str(root), side, len(classes), IMAGENET_MEAN, IMAGENET_STD, train, train, test)
+    return Data(str(root), side, len(classes), IMAGENET_MEAN, IMAGENET_STD, train, train, test, sampled)
+
+
+def _class_dirs(d):
+    return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images(d, recurse=True):
+    """Image files under d, sorted, skipping every name that begins with "." (files and folders)."""
+    files = []
+    for top, dirs, names in os.walk(d) if recurse else [(str(d), [], os.listdir(d))]:
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))  # os.walk descends only into these
+        files += sorted(
+            os.path.join(top, n)
+            for n in names
+            if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+        )
+    return files
+
+
+def _names(names, most=8):
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _warn(text):
+    if process_rank() == 0:  # load_data runs on every rank; say it once
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _median_side(files):
+    """The median short side of up to SIZE_SAMPLE evenly spaced files (from PIL's header read, no decoding),
+    and how many were read. A sample, not the first file: one thumbnail that sorts first must not pick the
+    small-image recipe for a folder of photos."""
+    from PIL import Image
+
+    k = min(SIZE_SAMPLE, len(files))
+    sides = []
+    for i in sorted({round(j * (len(files) - 1) / max(k - 1, 1)) for j in range(k)}):
+        try:
+            with Image.open(files[i]) as im:
+                sides.append(min(im.size))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot decode image {_decode_error(files[i], e)}; delete or replace the file") from None
+    return sorted(sides)[(len(sides) - 1) // 2], len(sides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,17 +572,43 @@ def epoch_order(n, seed, epoch):
 
 
 def _decode(path):
-    """A file as uint8 (3, H, W); (None, reason) when it cannot be decoded."""
-    try:
-        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB), None
-    except Exception:  # noqa: BLE001 (unsupported by torchvision's decoders: try PIL)
-        try:
-            from PIL import Image
+    """(uint8 RGB (3, H, W), None), or (None, "path (reason)") when the file cannot be decoded. PIL, as the official
+    trainers' ImageFolder loader, but every mode and bit depth becomes 8-bit RGB of its true content:
+    - 8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, ...): PIL's own convert("RGB"); alpha is dropped.
+    - 16-bit grey (I;16, I;16B, ...): v * 255 / 65535, the full 16-bit range (not each image's own min..max, so
+      one brightness means the same in every image). PIL's convert("RGB") would clip at 255.
+    - I (32-bit integers; PIL opens 16-bit PGM, and some 16-bit PNG/TIFF, as I): read as 16-bit values, the
+      same scale; a value outside 0..65535 is an error (no range to read it in).
+    - F (32-bit float): [0, 1] when every value lies in [0, 1], else [0, 255]; a negative, non-finite or larger
+      value is an error.
+    - 16-bit RGB(A) PNG: PIL keeps the high byte, within 1 of v * 255 / 65535.
+    - Animations and multi-page files (GIF, APNG, WebP, TIFF): the first frame. Truncated or corrupt files fail.
+    torchvision.io.decode_image is not used: it returns uint16 for 16-bit PNGs and every frame of a GIF.
+    Deviation: torchvision's ImageFolder loader (the official trainers') clips 16-bit and float images at 255."""
+    from PIL import Image
 
-            with Image.open(path) as im:
-                return TF.pil_to_tensor(im.convert("RGB")), None
-        except Exception as e:  # noqa: BLE001
-            return None, f"{path} ({type(e).__name__}: {e})"
+    try:
+        with Image.open(path) as im:  # opened at frame 0
+            return _to_rgb8(im), None
+    except Exception as e:  # noqa: BLE001 (PIL raises many types)
+        return None, _decode_error(path, e)
+
+
+def _to_rgb8(im):
+    import numpy as np
+
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return TF.pil_to_tensor(im if im.mode == "RGB" else im.convert("RGB"))  # (3, H, W)
+    a = np.asarray(im, dtype=np.float64)  # (H, W); native byte order whatever the mode's
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > (255 if im.mode == "F" else 65535):
+        raise ValueError(f"mode {im.mode} pixel values {a.min():g}..{a.max():g} lie outside the ranges read")
+    scale = (255 if a.max() <= 1 else 1) if im.mode == "F" else 255 / 65535
+    grey = torch.from_numpy(np.rint(a * scale).astype(np.uint8))
+    return grey.repeat(3, 1, 1)
+
+
+def _decode_error(path, e):
+    return f"{path} ({type(e).__name__}: {' '.join(str(e).split())})"  # one line, whatever PIL said
 
 
 class _FolderViews(torch.utils.data.Dataset):

@@ -268,7 +268,7 @@ def main():
     last_step = min(total_steps, args.max_steps or total_steps)
     logger, stop = Logger(out, env, last_step, args.batch_size), StopSignal()
     logger.print(
-        f"simclr {args.version}: {recipe} recipe, {len(data.train)} training images, {steps_per_epoch} steps/epoch, "
+        f"simclr {args.version}: {data.describe(recipe)}, {steps_per_epoch} steps/epoch, "
         f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
     )
     if env.is_main:

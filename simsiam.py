@@ -256,7 +256,7 @@ def main():
     last_step = min(total_steps, args.max_steps or total_steps)
     logger, stop = Logger(out, env, last_step, args.batch_size), StopSignal()
     logger.print(
-        f"simsiam: {recipe} recipe, {len(data.train)} training images, {steps_per_epoch} steps/epoch, "
+        f"simsiam: {data.describe(recipe)}, {steps_per_epoch} steps/epoch, "
         f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
     )
     if env.is_main:
