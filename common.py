@@ -431,8 +431,7 @@ def add_brightness(x, delta):
 
 def adjust_contrast_tf(x, f):
     """tf.image.adjust_contrast: each channel to its own mean, (x - mean) * f + mean (not clipped)."""
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return (x - mean) * _b(f) + mean
+    return x + (_b(f) - 1) * (x - x.mean(dim=(2, 3), keepdim=True))  # written so that f = 1 returns x exactly
 
 
 def adjust_saturation_tf(x, f):
@@ -441,7 +440,7 @@ def adjust_saturation_tf(x, f):
     v = x.amax(1, keepdim=True)
     c = v - x.amin(1, keepdim=True)
     ratio = torch.minimum(_b(f), v / torch.where(c > 0, c, torch.ones_like(c)))  # c = 0: x = V, any ratio works
-    return v - (v - x) * ratio
+    return x + (1 - ratio) * (v - x)  # = V - (V - x) ratio, written so that f = 1 returns x exactly
 
 
 def gaussian_blur(x, sigma, kernel_size, padding="reflect"):
@@ -486,18 +485,19 @@ def sample_jitter(n, view, gen, device="cpu"):
 
 
 def apply_jitter(x, params, order, view):
-    """The four ops in each image's own order, clipped to [0, 1] after each op as the sources do: at each position
-    every op runs, and each image keeps the result of its own op at that position (torch.where: exact)."""
+    """The four ops in each image's own order, clipped to [0, 1] after each op as the sources do. At each position
+    the brightness, contrast and saturation ops run on every image, with the identity parameter (exact: they then
+    return their input) where that op is not the image's op at that position; the hue rotation is selected."""
     brightness = add_brightness if view.brightness == "add" else adjust_brightness
     if view.color == "tf":
-        ops = (brightness, adjust_contrast_tf, adjust_saturation_tf, adjust_hue)
+        ops = (brightness, adjust_contrast_tf, adjust_saturation_tf)
     else:
-        ops = (brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        ops = (brightness, adjust_contrast, adjust_saturation)
+    identity = (0.0 if view.brightness == "add" else 1.0, 1.0, 1.0)
     for pos in range(4):
-        y = x
         for i, op in enumerate(ops):
-            y = torch.where(_b(order[:, pos] == i), op(x, params[i]).clamp(0, 1), y)
-        x = y
+            x = op(x, torch.where(order[:, pos] == i, params[i], identity[i])).clamp(0, 1)
+        x = torch.where(_b(order[:, pos] == 3), adjust_hue(x, params[3]), x)
     return x
 
 
