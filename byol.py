@@ -151,7 +151,8 @@ def view_recipe(size, small, crop_min):
     small images (solo-learn's CIFAR recipe). Colour ops as utils/augmentations.py writes them (tf.image's):
     brightness adds U[-0.4, 0.4] (L.239-240, 261-263), contrast pulls each channel to its own mean (L.243-247),
     saturation scales S in HSV and clips (L.250-251), each op clipped to [0, 1] (L.313-316); blur pads with zeros
-    (padding 'SAME', L.427)."""
+    (padding 'SAME', L.427). Deviation: crops are torchvision's RandomResizedCrop (10 tries, else a centre crop);
+    utils/dataset.py draws one box and clamps its sides to the image (L.206-233)."""
     scale, jitter = (crop_min, 1.0), (0.4, 0.4, 0.2, 0.1)  # crop_min: 0.08, except in the built-in demo
     tf = dict(color="tf", brightness="add")
     view1 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 1.0, **tf)

@@ -136,7 +136,9 @@ def view_recipe(size, small, version, strength=1.0):
     blur pads with zeros. Brightness: v1 (tag 1.0, data_util.py L.125) adds U[-0.8s, 0.8s]
     (tf.image.random_brightness); v2 (data_util.py L.41-46, impl='simclrv2') multiplies by U[max(0, 1-0.8s), 1+0.8s].
     Deviation: sigma is drawn per image (batch_random_blur draws one sigma per view and per core's batch); for
-    s > 1.25, tf.image.random_contrast/saturation refuse the negative lower bound, ours draw U[0, 1+0.8s]."""
+    s > 1.25, tf.image.random_contrast/saturation refuse the negative lower bound, ours draw U[0, 1+0.8s]. Crops
+    are torchvision's RandomResizedCrop (10 tries); data_util.py's sample_distorted_bounding_box makes 100 tries and
+    its min_object_covered=0.1 of the whole image keeps areas >= 0.1 (L.285-294)."""
     s = strength
     brightness = "add" if version == "v1" else "multiply"
     jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)

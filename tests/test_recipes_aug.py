@@ -15,7 +15,10 @@ Mechanism -> test -> the deliberate bug that made it fail (done once by hand):
 - zero-padded blur -> test_augment_matches_the_per_image_pipeline[tf] -> reflect padding for "tf"
 - grayscale order -> test_augment_matches_the_per_image_pipeline[gray_first] -> gray_first ignored
 - factor range -> test_jitter_factors_are_uniform_on_max0_1ms_1ps -> 1 + s(2u - 1) clamped at 0
-- parameter ranges -> test_drawn_parameters_cover_their_ranges -> hue drawn U[0, h]
+- parameter ranges -> test_drawn_parameters_cover_their_ranges -> hue drawn U[0, h]; the op order sorted
+- each image's op order -> test_augment_matches_the_per_image_pipeline -> hue selected by position 0 only
+- every op in the pipeline -> test_augment_matches_the_per_image_pipeline -> solarize skipped; torchvision
+  saturation blended to the channel mean instead of the luma
 - recipes -> test_<method>_recipe -> a changed literal in the method file (e.g. moco v1 gray_first=False)
 """
 
