@@ -465,12 +465,12 @@ def solarize(x, apply):
 
 
 def sample_jitter(n, view, gen, device="cpu"):
-    """ColorJitter.get_params per image: factors U[max(0, 1-s), 1+s] for brightness (or, for additive brightness,
-    an offset U[-s, s]), contrast and saturation (torchvision's _check_input; tf.image.random_contrast and
-    random_saturation draw U[1-s, 1+s] and refuse s > 1), hue U[-h, h]; a random order of the four ops (the
-    sources all apply all four, in a uniformly random order). Returns params (4, n), identities (factor 1,
-    offset 0, hue 0) where the jitter is not applied (prob. 1 - jitter_p), and order (n, 4): the op index at each
-    position, -1 where the jitter is not applied."""
+    """ColorJitter.get_params per image: factors U[max(0, 1-s), 1+s] (torchvision's _check_input) for
+    brightness (or, for additive brightness, an offset U[-s, s]), contrast and saturation; hue U[-h, h]; a
+    uniformly random order of the four ops, all four applied (as every source does). tf.image.random_contrast
+    and random_saturation draw U[1-s, 1+s] and refuse s > 1; BYOL's JAX code draws U[1-s, 1+s] (s <= 0.4).
+    Returns params (4, n), identities (factor 1, offset 0, hue 0) where the jitter is not applied (prob.
+    1 - jitter_p), and order (n, 4): the op index at each position, -1 where the jitter is not applied."""
     u = torch.rand(5, n, device=device, generator=gen)
     apply = u[4] < view.jitter_p
     rows = []
