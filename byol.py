@@ -145,13 +145,18 @@ RECIPES = {
 
 # ---- AUGMENTATION RECIPE -----------------------------------------------------------------------------------
 def view_recipe(size, small, crop_min):
-    """BYOL's asymmetric augmentation (Table 6, utils/augmentations.py): crop scale (crop_min, 1), colour jitter
-    (0.4, 0.4, 0.2, 0.1) in random order with p 0.8, grayscale p 0.2, flip; blur p 1.0 on view 1 and 0.1 on
-    view 2 (sigma in [0.1, 2], kernel 10% of the side), solarize p 0 on view 1 and 0.2 on view 2. No blur on
-    small images (solo-learn's CIFAR recipe)."""
+    """BYOL's asymmetric augmentation (Table 6, utils/augmentations.py L.27-66): crop scale (crop_min, 1), flip,
+    colour jitter (0.4, 0.4, 0.2, 0.1) in random order with p 0.8, grayscale p 0.2; blur p 1.0 on view 1 and 0.1
+    on view 2 (sigma in [0.1, 2], kernel 10% of the side), solarize p 0 on view 1 and 0.2 on view 2. No blur on
+    small images (solo-learn's CIFAR recipe). Colour ops as utils/augmentations.py writes them (tf.image's):
+    brightness adds U[-0.4, 0.4] (L.239-240, 261-263), contrast pulls each channel to its own mean (L.243-247),
+    saturation scales S in HSV and clips (L.250-251), each op clipped to [0, 1] (L.313-316); blur pads with zeros
+    (padding 'SAME', L.427). Deviation: crops are torchvision's RandomResizedCrop (10 tries, else a centre crop);
+    utils/dataset.py draws one box and clamps its sides to the image (L.206-233)."""
     scale, jitter = (crop_min, 1.0), (0.4, 0.4, 0.2, 0.1)  # crop_min: 0.08, except in the built-in demo
-    view1 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 1.0)
-    view2 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 0.1, solarize_p=0.2)
+    tf = dict(color="tf", brightness="add")
+    view1 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 1.0, **tf)
+    view2 = ViewAug(size, scale=scale, jitter=jitter, blur_p=0.0 if small else 0.1, solarize_p=0.2, **tf)
     return [view1, view2]
 
 

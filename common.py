@@ -380,12 +380,21 @@ def _median_side(files):
 
 # ----------------------------------------------------------------------------------------------------------------
 # AUGMENT
-# Each op takes a float batch (B, 3, H, W) in [0, 1] and per-sample parameters (tensors of shape (B,)), and equals
-# torchvision's functional op applied to each image with that image's parameters (tests/test_augment.py).
+# Each op takes a float batch (B, 3, H, W) in [0, 1] and per-sample parameters (tensors of shape (B,)). The
+# "torchvision" ops equal torchvision's functional op applied to each image with that image's parameters; the "tf"
+# ops equal tf.image's documented formulas (tests/test_augment.py, tests/test_recipes_aug.py).
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ViewAug:
-    """The augmentation recipe of one view; method files declare theirs. Probabilities are per image."""
+    """The augmentation recipe of one view; method files declare theirs. Probabilities are per image.
+
+    `color` names whose colour ops a view uses, since the sources differ: "torchvision" (ColorJitter: MoCo,
+    SimSiam) multiplies brightness, blends contrast to the grey mean and saturation to grey, and blurs with
+    reflect padding; "tf" (tf.image, SimCLR data_util.py and BYOL utils/augmentations.py) pulls each channel to
+    its own mean for contrast, scales S in HSV (clipped at 1) for saturation, clips to [0, 1] after each op and
+    blurs with zero padding. `brightness` "multiply" scales by U[max(0, 1-s), 1+s]; "add" adds U[-s, s]
+    (tf.image.random_brightness: BYOL, SimCLR v1). `gray_first`: RandomGrayscale before the jitter (InstDisc,
+    MoCo v1), else after (all others). The two orders differ: grayscale(hue(x)) != grayscale(x)."""
 
     size: int  # output side in pixels
     scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range
@@ -397,6 +406,13 @@ class ViewAug:
     blur_p: float = 0.0
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
+    color: str = "torchvision"  # "torchvision" or "tf": whose colour ops and blur padding (see above)
+    brightness: str = "multiply"  # "multiply" or "add"
+    gray_first: bool = False  # grayscale before the colour jitter
+
+    def __post_init__(self):
+        if self.color not in ("torchvision", "tf") or self.brightness not in ("multiply", "add"):
+            raise ValueError(f"ViewAug: unknown color={self.color!r} or brightness={self.brightness!r}")
 
 
 def sample_crops(n, height, width, scale, ratio, gen, device="cpu"):
@@ -454,7 +470,7 @@ def _const(values, device):
 
 
 def grayscale(x):
-    """ITU-R 601-2 luma (TF.rgb_to_grayscale), as (B, 1, H, W)."""
+    """ITU-R 601-2 luma (TF.rgb_to_grayscale; tf.image.rgb_to_grayscale uses the same weights), as (B, 1, H, W)."""
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
@@ -472,8 +488,9 @@ def adjust_saturation(x, f):
 
 
 def adjust_hue(x, shift):
-    """Rotate the HSV hue by `shift` turns (TF.adjust_hue). Hue from the max channel; back to RGB with the
-    closed form channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B."""
+    """Rotate the HSV hue by `shift` turns (TF.adjust_hue, and tf.image.adjust_hue: both rotate H in HSV). Hue
+    from the max channel; back to RGB with the closed form channel = V - C * clamp(min(k, 4 - k), 0, 1),
+    k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B."""
     r, g, b = x.unbind(1)
     v, vmin = x.amax(1), x.amin(1)
     c = v - vmin
@@ -485,15 +502,36 @@ def adjust_hue(x, shift):
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with reflect padding (TF.gaussian_blur), one sigma per image; sigma <= 0 leaves
-    the image unchanged (a delta kernel)."""
+def add_brightness(x, delta):
+    """tf.image.adjust_brightness: x + delta (not clipped; the sources clip after each jitter op)."""
+    return x + _b(delta)
+
+
+def adjust_contrast_tf(x, f):
+    """tf.image.adjust_contrast: each channel to its own mean, (x - mean) * f + mean (not clipped)."""
+    return x + (_b(f) - 1) * (x - x.mean(dim=(2, 3), keepdim=True))  # written so that f = 1 returns x exactly
+
+
+def adjust_saturation_tf(x, f):
+    """tf.image.adjust_saturation: S *= f in HSV, clipped to [0, 1], H and V kept. In RGB, with V the max channel
+    and C = V - min: each channel becomes V - (V - x) * C'/C with C' = min(S f, 1) V, i.e. V - (V - x) min(f, V/C)."""
+    v = x.amax(1, keepdim=True)
+    c = v - x.amin(1, keepdim=True)
+    ratio = torch.minimum(_b(f), v / torch.where(c > 0, c, torch.ones_like(c)))  # c = 0: x = V, any ratio works
+    return x + (1 - ratio) * (v - x)  # = V - (V - x) ratio, written so that f = 1 returns x exactly
+
+
+def gaussian_blur(x, sigma, kernel_size, padding="reflect"):
+    """Separable Gaussian blur, one sigma per image; sigma <= 0 leaves the image unchanged (a delta kernel).
+    padding "reflect": TF.gaussian_blur (torchvision); "zeros": SimCLR data_util.gaussian_blur and BYOL
+    utils/augmentations.py (depthwise conv, padding='SAME'), whose borders darken."""
     half = (kernel_size - 1) / 2
     t = torch.linspace(-half, half, kernel_size, device=x.device)
     k = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)
     k = torch.where((sigma > 0)[:, None], k, (t == 0).float())
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(x.shape[1], 0)  # (B*C, k)
-    y = F.pad(x.reshape(1, -1, *x.shape[2:]), [kernel_size // 2] * 4, mode="reflect")
+    mode = "reflect" if padding == "reflect" else "constant"
+    y = F.pad(x.reshape(1, -1, *x.shape[2:]), [kernel_size // 2] * 4, mode=mode)
     y = F.conv2d(y, k[:, None, None, :], groups=k.shape[0])
     y = F.conv2d(y, k[:, None, :, None], groups=k.shape[0])
     return y.reshape(x.shape)
@@ -504,49 +542,88 @@ def solarize(x, apply):
     return torch.where(_b(apply) & (x >= 0.5), 1 - x, x)
 
 
-def sample_jitter(n, strengths, p, gen, device="cpu"):
-    """ColorJitter.get_params per image: factors U[1-s, 1+s] (brightness, contrast, saturation), hue U[-h, h],
-    a random order of the four ops, all replaced by the identity where the jitter is not applied (prob. 1-p)."""
+def sample_jitter(n, view, gen, device="cpu"):
+    """ColorJitter.get_params per image: factors U[max(0, 1-s), 1+s] (torchvision's _check_input) for
+    brightness (or, for additive brightness, an offset U[-s, s]), contrast and saturation; hue U[-h, h]; a
+    uniformly random order of the four ops, all four applied (as every source does). tf.image.random_contrast
+    and random_saturation draw U[1-s, 1+s] and refuse s > 1; BYOL's JAX code draws U[1-s, 1+s] (s <= 0.4).
+    Returns params (4, n), identities (factor 1, offset 0, hue 0) where the jitter is not applied (prob.
+    1 - jitter_p), and order (n, 4): the op index at each position, -1 where the jitter is not applied."""
     u = torch.rand(5, n, device=device, generator=gen)
-    apply = u[4] < p
-    factors = torch.stack([(1 + s * (2 * u[i] - 1)).clamp(min=0) for i, s in enumerate(strengths[:3])])
-    factors = torch.where(apply, factors, torch.ones_like(factors))  # (3, n)
-    hue = torch.where(apply, strengths[3] * (2 * u[3] - 1), torch.zeros_like(u[3]))  # (n,)
+    apply = u[4] < view.jitter_p
+    rows = []
+    for i, s in enumerate(view.jitter):
+        if i == 3 or (i == 0 and view.brightness == "add"):  # hue, additive brightness: U[-s, s], identity 0
+            rows.append(torch.where(apply, s * (2 * u[i] - 1), torch.zeros_like(u[i])))
+        else:  # a factor U[max(0, 1-s), 1+s], identity 1
+            lo = max(0.0, 1.0 - s)
+            rows.append(torch.where(apply, lo + (1.0 + s - lo) * u[i], torch.ones_like(u[i])))
     order = torch.rand(n, 4, device=device, generator=gen).argsort(1)  # (n, 4): op index at each position
-    return factors, hue, order
+    return torch.stack(rows), torch.where(apply[:, None], order, -1)
 
 
-def apply_jitter(x, factors, hue, order):
-    """The four ops in each image's own order: at each position every op runs, with the identity factor
-    wherever it is not that image's op at that position (exact: those ops then return their input)."""
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation)
+def apply_jitter(x, params, order, view):
+    """The four ops in each image's own order, clipped to [0, 1] after each op as the sources do. At each position
+    the brightness, contrast and saturation ops run on every image, with the identity parameter (exact: they then
+    return their input) where that op is not the image's op at that position; the hue rotation is selected."""
+    brightness = add_brightness if view.brightness == "add" else adjust_brightness
+    if view.color == "tf":
+        ops = (brightness, adjust_contrast_tf, adjust_saturation_tf)
+    else:
+        ops = (brightness, adjust_contrast, adjust_saturation)
+    identity = (0.0 if view.brightness == "add" else 1.0, 1.0, 1.0)
     for pos in range(4):
         for i, op in enumerate(ops):
-            x = op(x, torch.where(order[:, pos] == i, factors[i], torch.ones_like(factors[i])))
-        x = torch.where(_b(order[:, pos] == 3) & _b(hue != 0), adjust_hue(x, hue), x)
+            x = op(x, torch.where(order[:, pos] == i, params[i], identity[i])).clamp(0, 1)
+        x = torch.where(_b(order[:, pos] == 3), adjust_hue(x, params[3]), x)
+    return x
+
+
+def sample_view(n, height, width, view, gen, device="cpu", crop=True):
+    """Every random parameter of `augment` for n images of height x width, drawn per image from `gen`: crop box
+    and flip (if `crop`), jitter parameters and order, grayscale, blur sigma (0: not blurred), solarize."""
+    p = {}
+    if crop:
+        p["crop"] = sample_crops(n, height, width, view.scale, view.ratio, gen, device)
+        p["flip"] = torch.rand(n, device=device, generator=gen) < view.flip_p
+    if view.jitter_p > 0:
+        p["jitter"] = sample_jitter(n, view, gen, device)
+    if view.gray_p > 0:
+        p["gray"] = torch.rand(n, device=device, generator=gen) < view.gray_p
+    if view.blur_p > 0:
+        u = torch.rand(2, n, device=device, generator=gen)
+        sigma = view.blur_sigma[0] + (view.blur_sigma[1] - view.blur_sigma[0]) * u[0]
+        p["blur"] = torch.where(u[1] < view.blur_p, sigma, torch.zeros_like(sigma))
+    if view.solarize_p > 0:
+        p["solarize"] = torch.rand(n, device=device, generator=gen) < view.solarize_p
+    return p
+
+
+def apply_view(x, view, p):
+    """One view of a float batch (B, 3, H, W) in [0, 1] with the parameters of `sample_view`, in the sources'
+    order: crop + flip, colour jitter and grayscale (in the view's order), blur, solarize."""
+    if "crop" in p:
+        x = resized_crop(x, *p["crop"], view.size, p["flip"]).clamp(0, 1)
+
+    def gray(x):
+        return torch.where(_b(p["gray"]), grayscale(x).expand_as(x), x) if "gray" in p else x
+
+    x = gray(x) if view.gray_first else x
+    x = apply_jitter(x, *p["jitter"], view) if "jitter" in p else x
+    x = x if view.gray_first else gray(x)
+    if "blur" in p:
+        pad = "zeros" if view.color == "tf" else "reflect"
+        x = gaussian_blur(x, p["blur"], blur_kernel(view.size), pad).clamp(0, 1)
+    if "solarize" in p:
+        x = solarize(x, p["solarize"])
     return x
 
 
 def augment(x, view, gen, crop=True):
     """One view of a uint8 batch (B, 3, H, W) on the device: crop + flip (unless the loader already cropped),
     colour jitter, grayscale, blur, solarize; float in [0, 1]. Every parameter is drawn per image from `gen`."""
-    n, dev = len(x), x.device
     x = x.float() / 255
-    if crop:
-        top, left, h, w = sample_crops(n, x.shape[-2], x.shape[-1], view.scale, view.ratio, gen, dev)
-        flip = torch.rand(n, device=dev, generator=gen) < view.flip_p
-        x = resized_crop(x, top, left, h, w, view.size, flip).clamp(0, 1)
-    if view.jitter_p > 0:
-        x = apply_jitter(x, *sample_jitter(n, view.jitter, view.jitter_p, gen, dev))
-    if view.gray_p > 0:
-        x = torch.where(_b(torch.rand(n, device=dev, generator=gen) < view.gray_p), grayscale(x).expand_as(x), x)
-    if view.blur_p > 0:
-        u = torch.rand(2, n, device=dev, generator=gen)
-        sigma = view.blur_sigma[0] + (view.blur_sigma[1] - view.blur_sigma[0]) * u[0]
-        x = gaussian_blur(x, torch.where(u[1] < view.blur_p, sigma, torch.zeros_like(sigma)), blur_kernel(view.size))
-    if view.solarize_p > 0:
-        x = solarize(x, torch.rand(n, device=dev, generator=gen) < view.solarize_p)
-    return x
+    return apply_view(x, view, sample_view(len(x), x.shape[-2], x.shape[-1], view, gen, x.device, crop))
 
 
 def blur_kernel(size):

@@ -166,15 +166,16 @@ RECIPES = {
 
 # ---- AUGMENTATION RECIPE -----------------------------------------------------------------------------------
 def view_recipe(size, small, version, crop_min):
-    """v1 (main_moco.py, InstDisc's): crop (crop_min, 1), grayscale p 0.2, colour jitter (0.4, 0.4, 0.4, 0.4)
-    always, flip. Deviation: our jitter runs before grayscale, theirs after; the two commute except for
-    clipping. v2 (main_moco.py --aug-plus): crop, jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, blur
-    sigma in [0.1, 2] with p 0.5, flip. v3 (moco-v3 main_moco.py, BYOL's): jitter (0.4, 0.4, 0.2, 0.1) with
-    p 0.8, grayscale p 0.2, blur p 1.0 on view 1 and 0.1 + solarize p 0.2 on view 2. No blur on small images
-    (the CIFAR demo)."""
+    """v1 (main_moco.py, InstDisc's): crop (crop_min, 1), grayscale p 0.2, then colour jitter (0.4, 0.4, 0.4, 0.4)
+    always (in this order: a hue shift changes the luma of the colour image), flip. v2 (main_moco.py
+    --aug-plus): crop, jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, blur sigma in [0.1, 2] with p 0.5,
+    flip. v3 (moco-v3 main_moco.py, BYOL's recipe in torchvision's ops): jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
+    grayscale p 0.2, blur p 1.0 on view 1 and 0.1 + solarize p 0.2 on view 2. No blur on small images (the
+    CIFAR demo). Colour ops are torchvision's ColorJitter. Deviation: blur is a Gaussian kernel of 10% of the
+    image side (as SimCLR) rather than PIL's GaussianBlur(radius=sigma) (moco/loader.py)."""
     scale = (crop_min, 1.0)
     if version == "v1":
-        view = ViewAug(size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0)
+        view = ViewAug(size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_first=True)
         return [view, view]
     if version == "v2":
         view = ViewAug(size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0 if small else 0.5)

@@ -128,13 +128,23 @@ RECIPES = {
 
 
 # ---- AUGMENTATION RECIPE -----------------------------------------------------------------------------------
-def view_recipe(size, small, strength=1.0):
+def view_recipe(size, small, version, strength=1.0):
     """SimCLR's augmentation for both views (App. A, data_util.py): crop area (0.08, 1), flip, colour jitter
     (0.8s, 0.8s, 0.8s, 0.2s) in random order with p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] with
-    a kernel of 10% of the side and p 0.5. No blur on small images (README: --use_blur=False for CIFAR).
-    Deviation: v1's brightness is additive in data_util.py; ours is v2's multiplicative one (torchvision's)."""
+    a kernel of 10% of the side and p 0.5. No blur on small images (README: --use_blur=False for CIFAR). Colour
+    ops are tf.image's: contrast to each channel's own mean, saturation scaled in HSV, clipped after each op; the
+    blur pads with zeros. Brightness: v1 (tag 1.0, data_util.py L.125) adds U[-0.8s, 0.8s]
+    (tf.image.random_brightness); v2 (data_util.py L.41-46, impl='simclrv2') multiplies by U[max(0, 1-0.8s), 1+0.8s].
+    Deviation: sigma is drawn per image (batch_random_blur draws one sigma per view and per core's batch); for
+    s > 1.25, tf.image.random_contrast/saturation refuse the negative lower bound, ours draw U[0, 1+0.8s]. Crops
+    are torchvision's RandomResizedCrop (10 tries); data_util.py's sample_distorted_bounding_box makes 100 tries and
+    its min_object_covered=0.1 of the whole image keeps areas >= 0.1 (L.285-294)."""
     s = strength
-    view = ViewAug(size, scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.0 if small else 0.5)
+    brightness = "add" if version == "v1" else "multiply"
+    jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+    view = ViewAug(
+        size, scale=(0.08, 1.0), jitter=jitter, blur_p=0.0 if small else 0.5, color="tf", brightness=brightness
+    )
     return [view, view]
 
 
@@ -215,7 +225,7 @@ def main():
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
-    views = view_recipe(args.image_size, small, args.color_strength)
+    views = view_recipe(args.image_size, small, args.version, args.color_strength)
     loader = TrainLoader(data, views, args.batch_size, env, args.seed, args.workers)
     backbone = make_backbone(args, small)
     model = SimCLR(backbone, args.proj_layers, args.dim)

@@ -69,14 +69,14 @@ def test_gaussian_blur_matches_torchvision(images, kernel):
 
 def test_color_jitter_is_torchvisions_per_image(images):
     """Each image gets ColorJitter with its own factors and its own order of the four ops."""
-    factors, hue, order = C.sample_jitter(len(images), (0.4, 0.4, 0.4, 0.1), 0.8, torch.Generator().manual_seed(3))
-    out = C.apply_jitter(images, factors, hue, order)
+    view = C.ViewAug(24, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8)
+    params, order = C.sample_jitter(len(images), view, torch.Generator().manual_seed(3))
+    out = C.apply_jitter(images, params, order, view)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    params = [factors[0], factors[1], factors[2], hue]
     for i in range(len(images)):
         ref = images[i]
         for op in order[i].tolist():
-            ref = ops[op](ref, params[op][i].item())
+            ref = ops[op](ref, params[op][i].item()) if op >= 0 else ref  # -1: jitter not applied
         torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
     assert len({tuple(o) for o in order.tolist()}) > 1, "the op order should vary across images"
 
@@ -111,8 +111,9 @@ def test_parameters_differ_per_image_within_a_batch():
     colour = C.augment(x, C.ViewAug(32, flip_p=0, gray_p=0), torch.Generator().manual_seed(0), crop=False)
     changed = (colour - x.float() / 255).flatten(1).abs().amax(1) > 1e-6
     assert 0.5 <= changed.float().mean() <= 1.0
-    factors, _, _ = C.sample_jitter(10_000, (0.4, 0.4, 0.4, 0.1), 0.8, torch.Generator().manual_seed(0))
-    assert math.isclose((factors[0] != 1).float().mean().item(), 0.8, abs_tol=0.02)
+    params, order = C.sample_jitter(10_000, C.ViewAug(32), torch.Generator().manual_seed(0))
+    assert math.isclose((params[0] != 1).float().mean().item(), 0.8, abs_tol=0.02)
+    assert torch.equal(order[:, 0] >= 0, params[0] != 1), "the identity exactly where the jitter is not applied"
 
 
 def test_augment_is_reproducible_from_the_generator_state():
