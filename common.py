@@ -18,6 +18,7 @@ Evaluate any exported backbone, or a baseline (kNN + linear probe):
 """
 
 import argparse
+import fcntl
 import functools
 import gzip
 import json
@@ -58,6 +59,39 @@ def run(main):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _checked(kind, ok, want):
+    """An argparse `type=`: parse the text with `kind` and refuse, as argparse's one `error:` line, a value that
+    is not `want` (floats must also be finite: float() reads 'nan' and 'inf')."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+# Up to 1e30: a float32 tensor times a larger number (an lr, a weight decay) overflows, or torch refuses it.
+positive_float = _checked(float, lambda v: 0 < v <= 1e30, "a number in (0, 1e30]")
+nonnegative_float = _checked(float, lambda v: 0 <= v <= 1e30, "a number in [0, 1e30]")
+
+
+def int_at_least(lo):
+    return _checked(int, lambda v: v >= lo, f"an integer >= {lo}")
+
+
+def in_range(lo, hi, lo_open=False):
+    """A number in [lo, hi], or in (lo, hi] with `lo_open`."""
+    ok = (lambda v: lo < v <= hi) if lo_open else (lambda v: lo <= v <= hi)
+    return _checked(float, ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -746,6 +780,8 @@ class TrainLoader:
             raise UserError(f"--batch-size {batch_size} is not divisible by the {env.world_size} processes")
         if batch_size > n:
             raise UserError(f"--batch-size {batch_size} is larger than the data set ({n} images); lower --batch-size")
+        if batch_size // env.world_size < 2:  # training-mode batch norm needs two samples
+            raise UserError(f"--batch-size {batch_size} leaves one image per process; batch norm needs 2 or more")
         self.data, self.views, self.env, self.seed = data, views, env, seed
         self.batch_size, self.per_rank, self.steps = batch_size, batch_size // env.world_size, n // batch_size
         self.gen = torch.Generator(env.device).manual_seed(seed + env.rank)  # augmentation RNG, seed + rank
@@ -1253,19 +1289,29 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, method, config):
-    """Read ckpt.pt and refuse, with one clear line, a checkpoint of another method or config."""
+CHECKPOINT_KEYS = ("method", "config", "step", "model", "optimizer", "aug_rng", "rng")
+
+
+def load_checkpoint(path, method, config, model=None):
+    """Read ckpt.pt and refuse, with one clear line, a file that is not a whole checkpoint of this method, config
+    and `model` (truncated or corrupt, another method, another version of the file, non-finite weights)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume {path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 (a truncated or corrupt file fails in many ways)
+        raise UserError(
+            f"--resume {path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__}); "
+            f"resume from another copy or start a new --output-dir"
+        ) from None
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise UserError(f"--resume {path}: not a checkpoint written by these trainers")
     if ckpt["method"] != method:
         raise UserError(f"--resume {path} is a {ckpt['method']} checkpoint; this is {method}.py")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
+        raise UserError(f"--resume {path}: an incomplete checkpoint (no {', '.join(missing) or 'model'}); start anew")
     diff = [
         k
         for k in sorted(set(config) | set(ckpt["config"]))
@@ -1278,38 +1324,108 @@ def load_checkpoint(path, method, config):
             f"--resume {path} was trained with {was}, but this run has {now}; "
             f"pass the same settings or start a new --output-dir"
         )
+    if model is not None:  # the same flags, but another version of the method file may build other weights
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in ckpt["model"].items()}
+        odd = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        if odd:
+            raise UserError(
+                f"--resume {path} holds other weights than this {method}.py builds ({odd[0]}); "
+                f"it was written by another version of the file: start a new --output-dir"
+            )
+    for k, v in ckpt["model"].items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"--resume {path}: {k} is not finite (saved after the run diverged); start anew")
     return ckpt
 
 
+_LOCKS = []  # this process's lock on its run folder, held open until the process ends
+
+
+def _claim_output_dir(out, args):
+    """Rank 0: make the run folder and lock it (flock: the OS drops the lock when the process ends, so a killed
+    run never blocks the next). Returns the problem as one line, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--output-dir {out} is a file; pass a folder (it is created if missing)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "run.lock", "a+")
+    except OSError as e:
+        return f"--output-dir {out}: cannot create the run folder ({e.strerror}); choose another --output-dir"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        return f"{out} is in use by a running process ({pid}); wait for it to end, or choose another --output-dir"
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _LOCKS.append(lock)
+    if args.resume is None and (out / "ckpt.pt").exists():
+        return f"{out} already holds a checkpoint; continue it with --resume auto, or choose another --output-dir"
+    return None
+
+
 def prepare_output_dir(args, method, env):
-    """The run folder; refuses to overwrite a checkpoint unless --resume is given. Returns the checkpoint to
-    resume from (or None)."""
+    """The run folder: created and locked by rank 0; refuses a file, a folder another live run holds, and
+    overwriting a checkpoint unless --resume is given. Returns the checkpoint to resume from (or None)."""
     if args.output_dir is None and args.resume == "auto":
         raise UserError("--resume auto continues the run in --output-dir; pass --output-dir")
-    if args.output_dir is None:
-        name = [f"runs/{method}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if env.world_size > 1:
-            dist.broadcast_object_list(name)  # rank 0's clock names the folder for every rank
-        args.output_dir = name[0]
-    out = Path(args.output_dir)
-    if args.resume is None and (out / "ckpt.pt").exists():
-        raise UserError(
-            f"{out} already holds a checkpoint; continue it with --resume auto, or choose another --output-dir"
-        )
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    name = args.output_dir or f"runs/{method}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    problem = _claim_output_dir(Path(name), args) if env.is_main else None
+    if env.world_size > 1:
+        shared = [name, problem]
+        dist.broadcast_object_list(shared)  # rank 0's clock names the folder; its problem stops every rank
+        name, problem = shared
+    if problem:
+        raise UserError(problem)
+    args.output_dir, out = name, Path(name)
     if args.resume == "auto":  # the folder's checkpoint if it has one, else a fresh start
         return out / "ckpt.pt" if (out / "ckpt.pt").exists() else None
     return args.resume
 
 
+def _diverged(what, lr, output_dir):
+    ckpt = Path(output_dir) / "ckpt.pt"
+    kept = f"{ckpt} keeps the last finite state" if ckpt.exists() else "no checkpoint was written"
+    return f"training diverged: {what} (lr {lr:.3g}); {kept}; start again with a lower --lr"
+
+
+def check_finite(model, optimizer, env, step, output_dir):
+    """Called by save() before it writes: every weight and buffer (BN statistics, queues) must be finite, else the
+    run stops and the last good checkpoint stays. An epoch's last step can poison the weights before any logged
+    loss shows it. One host sync per save; the ranks agree."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+    if env.world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        lr = optimizer.param_groups[0]["lr"]
+        raise UserError(_diverged(f"the weights are not finite after {step} step(s)", lr, output_dir))
+
+
+def _strict(row):
+    """NaN and infinity are not JSON: write them as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 class Logger:
     """metrics.jsonl (one JSON object per line) and the progress line; both on the main rank only.
-    Losses are kept on the device and read once per `log_every` steps: no host sync inside a step."""
+    Losses are kept on the device and read once per `log_every` steps: no host sync inside a step. A non-finite
+    loss stops the run there (before the next save). A run that starts at `start_step` first drops the rows of
+    the steps it will run again (a run killed after its last checkpoint, a resume from an older checkpoint), so
+    each step appears once."""
 
-    def __init__(self, output_dir, env, total_steps, images_per_step):
+    def __init__(self, output_dir, env, total_steps, images_per_step, start_step=0):
         self.path, self.env, self.total = Path(output_dir) / "metrics.jsonl", env, total_steps
         self.images_per_step, self.pending, self.t0 = images_per_step, [], time.perf_counter()
+        if env.is_main and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True) if _before(line, start_step)]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def step(self, step, epoch, loss, lr):
         self.pending.append((step, epoch, loss.detach(), lr))
@@ -1317,7 +1433,12 @@ class Logger:
     def flush(self, steps_per_epoch):
         if not self.pending:
             return
-        losses = torch.stack([p[2] for p in self.pending]).float().tolist()  # the one sync per interval
+        losses = torch.stack([p[2] for p in self.pending]).float()
+        finite = torch.isfinite(losses).float()
+        if self.env.world_size > 1:  # a non-finite loss on any rank stops every rank
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        losses, finite = torch.stack([losses, finite]).tolist()  # the one sync per interval
+        bad = finite.index(0.0) if 0.0 in finite else None
         now = time.perf_counter()
         speed = len(self.pending) * self.images_per_step / (now - self.t0)
         step, epoch = self.pending[-1][0], self.pending[-1][1]
@@ -1330,9 +1451,12 @@ class Logger:
                     "train/lr": lr,
                     "train/images_per_s": round(speed, 1),
                 }
-                for (s, e, _, lr), loss in zip(self.pending, losses)
+                for (s, e, _, lr), loss in zip(self.pending[:bad], losses)
             ]
         )
+        if bad is not None:
+            s, _, _, lr = self.pending[bad]
+            raise UserError(_diverged(f"the loss is {losses[bad]} at step {s}", lr, self.path.parent))
         left = time.strftime("%H:%M:%S", time.gmtime((self.total - step - 1) * (now - self.t0) / len(self.pending)))
         self.print(
             f"epoch {epoch} step {step % steps_per_epoch + 1}/{steps_per_epoch} loss {losses[-1]:.4f} "
@@ -1343,7 +1467,7 @@ class Logger:
     def write(self, rows):
         if self.env.is_main:
             with open(self.path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.writelines(json.dumps(_strict(r), allow_nan=False) + "\n" for r in rows)
 
     def print(self, text):
         if self.env.is_main:
@@ -1351,6 +1475,17 @@ class Logger:
 
     def restart_clock(self):
         self.t0 = time.perf_counter()
+
+
+def _before(line, start_step):
+    """Whether a metrics.jsonl row belongs before a run starting at start_step: a training step's row (its step
+    index) below it, an evaluation's row (the steps done) not beyond it. A torn last line is dropped."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return isinstance(step, int) and (step < start_step if "train/loss" in row else step <= start_step)
 
 
 class StopSignal:
@@ -1400,11 +1535,11 @@ def main():
     what.add_argument("--pixels", action="store_true", help="the images themselves, flattened")
     ap.add_argument("--data", default="builtin")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--image-size", type=int, default=None, help="default: native (small images) or 224")
-    ap.add_argument("--knn-k", type=int, default=200)
-    ap.add_argument("--knn-t", type=float, default=0.1)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=positive_int, default=None, help="default: native (small images) or 224")
+    ap.add_argument("--knn-k", type=positive_int, default=200)
+    ap.add_argument("--knn-t", type=positive_float, default=0.1)
+    ap.add_argument("--workers", type=nonnegative_int, default=8)
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = ap.parse_args()
     env = setup(args.device, args.seed)

@@ -37,12 +37,18 @@ from common import (
     ViewAug,
     autocast_for,
     build_backbone,
+    check_finite,
     collapse_std,
     cosine_lr,
     evaluate,
+    int_at_least,
     load_checkpoint,
     load_data,
+    nonnegative_float,
+    nonnegative_int,
     pick_recipe,
+    positive_float,
+    positive_int,
     prepare_output_dir,
     run,
     save_atomic,
@@ -60,31 +66,37 @@ parser.add_argument(
 )
 parser.add_argument("--data-dir", default="data", help="where cifar10/cifar100/stl10/fashion-mnist live")
 parser.add_argument("--arch", default=None, choices=ARCHS, help="backbone (recipe)")
-parser.add_argument("--image-size", type=int, default=None, help="crop side (recipe: native or 224)")
-parser.add_argument("--epochs", type=int, default=None, help="(recipe)")
-parser.add_argument("--batch-size", type=int, default=None, help="global batch over all processes (recipe)")
-parser.add_argument("--lr", type=float, default=None, help="base lr; the run uses lr * batch-size / 256 (recipe)")
-parser.add_argument("--wd", type=float, default=None, help="weight decay (recipe)")
-parser.add_argument("--workers", type=int, default=8, help="DataLoader workers per process (image folders)")
+parser.add_argument("--image-size", type=positive_int, default=None, help="crop side (recipe: native or 224)")
+parser.add_argument("--epochs", type=positive_int, default=None, help="(recipe)")
+parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch over all processes (recipe)")
+parser.add_argument(
+    "--lr", type=positive_float, default=None, help="base lr; the run uses lr * batch-size / 256 (recipe)"
+)
+parser.add_argument("--wd", type=nonnegative_float, default=None, help="weight decay (recipe)")
+parser.add_argument("--workers", type=nonnegative_int, default=8, help="DataLoader workers per process (image folders)")
 parser.add_argument("--output-dir", default=None, help="run folder (default runs/simsiam-<data>-<time>)")
 parser.add_argument("--resume", default=None, help="a ckpt.pt, or 'auto': the output dir's ckpt.pt if any")
-parser.add_argument("--seed", type=int, default=0, help="weights: seed; data order: seed; augmentation: seed+rank")
+parser.add_argument(
+    "--seed", type=nonnegative_int, default=0, help="weights: seed; data order: seed; augmentation: seed+rank"
+)
 parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
-parser.add_argument("--log-every", type=int, default=50, help="steps between metric flushes / progress lines")
+parser.add_argument(
+    "--max-steps", type=nonnegative_int, default=None, help="stop after this many steps (schedule unchanged)"
+)
+parser.add_argument("--log-every", type=positive_int, default=50, help="steps between metric flushes / progress lines")
 parser.add_argument(
     "--eval-every",
-    type=int,
+    type=int_at_least(-1),
     default=1,
     help="epochs between kNN evaluations; 0: only kNN + linear probe at the end; -1: never",
 )
-parser.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (recipe)")
-parser.add_argument("--knn-t", type=float, default=None, help="kNN temperature (recipe)")
-parser.add_argument("--proj-layers", type=int, default=None, help="projection MLP depth: 3 ImageNet, 2 CIFAR")
-parser.add_argument("--dim", type=int, default=2048, help="projection / prediction output size")
-parser.add_argument("--pred-dim", type=int, default=512, help="prediction MLP hidden size (bottleneck)")
+parser.add_argument("--knn-k", type=positive_int, default=None, help="kNN neighbours (recipe)")
+parser.add_argument("--knn-t", type=positive_float, default=None, help="kNN temperature (recipe)")
+parser.add_argument("--proj-layers", type=positive_int, default=None, help="projection MLP depth: 3 ImageNet, 2 CIFAR")
+parser.add_argument("--dim", type=positive_int, default=2048, help="projection / prediction output size")
+parser.add_argument("--pred-dim", type=positive_int, default=512, help="prediction MLP hidden size (bottleneck)")
 parser.add_argument(
     "--fix-pred-lr",
     action=argparse.BooleanOptionalAction,
@@ -223,7 +235,7 @@ def main():
     # ---- RESUME ------------------------------------------------------------------------------------------
     step, steps_per_epoch = 0, len(loader)
     if resume:
-        ckpt = load_checkpoint(resume, "simsiam", config)
+        ckpt = load_checkpoint(resume, "simsiam", config, model)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["aug_rng"]) == env.world_size:  # else (another process count) the run goes on, not bitwise
@@ -233,6 +245,7 @@ def main():
 
     def save():
         """ckpt.pt (all a resume needs) and backbone.pt (torchvision keys), each written atomically."""
+        check_finite(model, optimizer, env, step, out)  # a diverged run keeps its last good checkpoint
         states = [loader.gen.get_state()] * env.world_size  # every rank's augmentation RNG, gathered to rank 0
         if env.world_size > 1:
             dist.all_gather_object(states, loader.gen.get_state())
@@ -253,8 +266,12 @@ def main():
 
     # ---- TRAIN -------------------------------------------------------------------------------------------
     total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps or total_steps)
-    logger, stop = Logger(out, env, last_step, args.batch_size), StopSignal()
+    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    logger, stop = Logger(out, env, last_step, args.batch_size, step), StopSignal()  # drops rows of steps to redo
+    if resume and step >= last_step:  # nothing left to train: say so and exit
+        done = "the run is finished" if step >= total_steps else f"--max-steps {args.max_steps} is reached"
+        logger.print(f"{resume} is at step {step} of {total_steps}: {done}, nothing to do")
+        return
     logger.print(
         f"simsiam: {data.describe(recipe)}, {steps_per_epoch} steps/epoch, "
         f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
@@ -297,7 +314,7 @@ def main():
 
     # ---- EVAL AND SAVE -----------------------------------------------------------------------------------
     save()
-    row = {"epoch": (step - 1) // steps_per_epoch, "step": step, "final": True}
+    row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
     if args.eval_every >= 0:
