@@ -2,10 +2,9 @@
 float32 rounding) so that a one-line bug in it fails a test. tests/README.md lists each mechanism, its test and
 the bug it was checked against.
 
-The runs train on a folder of 8 images of 32 px (the small-image recipe, 2 steps per epoch at batch 4) with the
-tiny backbone, so an epoch is two steps and a schedule's ramp shows within a few steps. capture_steps.py runs a
-method file's unmodified main() and records what each step's forward and loss saw.
-"""
+The runs train the tiny backbone on a folder of a few random 32 px images (the small-image recipe) at batch 4
+or 8, so an epoch is one or two steps and a schedule's ramp shows within a few steps. capture_steps.py
+runs a method file's unmodified main() and records what each step's forward and loss saw."""
 
 import functools
 import math
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, checkpoint, read_metrics, run_script, write_png
 
+import byol as B
 import common as C
 import moco as M
 
@@ -27,10 +27,10 @@ def run_ok(*args):
     return r
 
 
-def image_folder_of(root, n):
-    """root/train/class{0,1}/*.png: n random 32 px images (the small-image recipe), no val/."""
+def image_folder_of(root, n, side=32):
+    """root/train/class{0,1}/*.png: n random images (32 px: the small-image recipe; 128 px: ImageNet's), no val/."""
     for i in range(n):
-        write_png(root / "train" / f"class{i % 2}" / f"{i}.png", 32, seed=i)
+        write_png(root / "train" / f"class{i % 2}" / f"{i}.png", side, seed=i)
     return root
 
 
@@ -84,6 +84,16 @@ def test_byol_target_is_the_ema_of_the_online_network_after_each_step(tmp_path):
         assert_lerp(p1[n], p0[n], p1[o], tau0, n)  # after step 0: the EMA towards the updated online weights
         assert_lerp(p2[n], p1[n], p2[o], tau1, n)  # after step 1: at the ramped tau
     assert_backbone_pt_is(run_dir, "backbone.", p2)
+    # Fig. 2: the loss of step 1 (target and online differ by then) gets the online predictions and the target
+    # network's projections of the views, recomputed here from the captured weights.
+    model = B.BYOL(C.build_backbone("tiny", 32, True), hidden_dim=32, dim=16)
+    model.load_state_dict({**p1, **steps[1]["buffers"]})
+    (x1, x2), outputs = steps[1]["views"], steps[1]["loss_args"]
+    with torch.no_grad():
+        online = [model.predictor(model.projector(model.backbone(x))) for x in (x1, x2)]
+        target = [model.target_projector(model.target_backbone(x)) for x in (x1, x2)]
+    for mine, theirs in zip(online + target, outputs):
+        torch.testing.assert_close(theirs, mine)
 
 
 MOCO_CASES = {
@@ -197,3 +207,51 @@ def test_moco_keys_come_from_split_bn_on_a_shuffled_batch(moco_run):
         assert not torch.allclose(k2, key(split, torch.arange(8)), atol=1e-4)  # without the shuffle
         assert not torch.allclose(k2, key(plain, perm), atol=1e-4)  # with BN over the whole batch
         assert not torch.allclose(q1, plain.projector(plain.backbone(x1)), atol=1e-4)
+
+
+# ---- the lr a run logs ----------------------------------------------------------------------------------------
+def warmup_10_epochs(lr):
+    """Batch 4 on 4 images, --epochs 12: one step per epoch, the recipe's 10 warmup epochs are steps 0-9, rising
+    linearly to lr; then the cosine's two steps, lr (1 + cos 0) / 2 = lr and lr (1 + cos(pi/2)) / 2 = lr/2."""
+    return [lr * (s + 1) / 10 for s in range(10)] + [lr, lr / 2]
+
+
+# Each lr written out from the paper's rule and the recipe's base lr; batch 4, so bs/256 = 1/64, sqrt(bs) = 2.
+# Without warmup, --epochs 2 is 2 steps: lr, then lr/2 (the cosine half-way).
+LR_CASES = {
+    # simsiam.py small recipe: SGD 0.03 x bs/256 (Sec. 4), cosine without warmup; predictor at the fixed base lr
+    "simsiam": ("simsiam.py --epochs 2 --dim 32 --pred-dim 8", 32, [0.03 / 64, 0.03 / 64 / 2]),
+    # byol.py small recipe (solo-learn): LARS 1.0 x bs/256, 10 warmup epochs
+    "byol": ("byol.py --epochs 12 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(1.0 / 64)),
+    # simclr.py v1 small recipe (README's CIFAR command): 1.0 x bs/256, 10 warmup epochs
+    "simclr-v1": ("simclr.py --version v1 --epochs 12 --dim 16", 32, warmup_10_epochs(1.0 / 64)),
+    # simclr.py v2 ImageNet recipe (128 px images): square root, 0.075 x sqrt(bs), 10 warmup epochs
+    "simclr-v2": ("simclr.py --version v2 --epochs 12 --dim 16", 128, warmup_10_epochs(0.075 * 2)),
+    # moco.py v1 (the CIFAR demo's lr with v1's schedule): 0.03 x bs/256, x 0.1 at 60% and 80% of 10 steps
+    "moco-v1": (
+        "moco.py --version v1 --epochs 10 --bn-splits 2 --dim 16",
+        32,
+        [0.03 / 64] * 6 + [0.003 / 64] * 2 + [0.0003 / 64] * 2,
+    ),
+    # moco.py v2: 0.03 x bs/256, cosine without warmup
+    "moco-v2": ("moco.py --version v2 --epochs 2 --bn-splits 2 --dim 16", 32, [0.03 / 64, 0.03 / 64 / 2]),
+    # moco.py v3 small recipe (solo-learn): LARS 0.3 x bs/256, 10 warmup epochs
+    "moco-v3": ("moco.py --version v3 --epochs 12 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(0.3 / 64)),
+}
+
+
+@pytest.mark.parametrize("case", list(LR_CASES))
+def test_the_logged_lr_follows_the_recipes_scaling_rule_and_warmup(tmp_path, case):
+    """metrics.jsonl's train/lr at every step (step 0, the end of warmup, the schedule after it) equals the lr
+    computed here from the paper's scaling rule (linear bs/256, or 0.075 sqrt(bs) for SimCLR v2) and the recipe's
+    warmup; SimSiam's predictor keeps the base lr while the rest decays (Sec. 4.2). backbone.pt is the trained
+    backbone of the checkpoint."""
+    flags, side, expected = LR_CASES[case]
+    folder = image_folder_of(tmp_path / "images", 4, side)
+    run_ok(flags, "--data", folder, TINY, "--batch-size 4 --output-dir", tmp_path / "run")
+    logged = [r["train/lr"] for r in read_metrics(tmp_path / "run") if "train/lr" in r]
+    assert logged == pytest.approx(expected, rel=1e-12, abs=0)
+    ckpt = checkpoint(tmp_path / "run")
+    if case == "simsiam":  # the last step's lr in each group: decayed (encoder, projector), fixed (predictor)
+        assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([expected[-1], expected[0]])
+    assert_backbone_pt_is(tmp_path / "run", "backbone.", ckpt["model"])
