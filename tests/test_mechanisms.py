@@ -2,8 +2,9 @@
 float32 rounding) so that a one-line bug in it fails a test. tests/README.md lists each mechanism, its test and
 the bug it was checked against.
 
-The runs train the tiny backbone on a folder of a few random 32 px images (the small-image recipe) at batch 4
-or 8, so an epoch is one or two steps and a schedule's ramp shows within a few steps. capture_steps.py
+The runs train the tiny backbone on a folder of random 32 px images (the small-image recipe): 8 images at batch
+4 or 16 at batch 8, so an epoch is two steps (a warmup counted in epochs must be converted to steps) and a
+schedule's ramp shows within a few steps. capture_steps.py
 runs a method file's unmodified main() and records what each step's forward and loss saw."""
 
 import functools
@@ -211,32 +212,32 @@ def test_moco_keys_come_from_split_bn_on_a_shuffled_batch(moco_run):
 
 # ---- the lr a run logs ----------------------------------------------------------------------------------------
 def warmup_10_epochs(lr):
-    """Batch 4 on 4 images, --epochs 12: one step per epoch, the recipe's 10 warmup epochs are steps 0-9, rising
+    """Batch 4 on 8 images, --epochs 11: two steps per epoch, the recipe's 10 warmup epochs are steps 0-19, rising
     linearly to lr; then the cosine's two steps, lr (1 + cos 0) / 2 = lr and lr (1 + cos(pi/2)) / 2 = lr/2."""
-    return [lr * (s + 1) / 10 for s in range(10)] + [lr, lr / 2]
+    return [lr * (s + 1) / 20 for s in range(20)] + [lr, lr / 2]
 
 
 # Each lr written out from the paper's rule and the recipe's base lr; batch 4, so bs/256 = 1/64, sqrt(bs) = 2.
-# Without warmup, --epochs 2 is 2 steps: lr, then lr/2 (the cosine half-way).
+# Without warmup, --epochs 1 is 2 steps: lr, then lr/2 (the cosine half-way).
 LR_CASES = {
     # simsiam.py small recipe: SGD 0.03 x bs/256 (Sec. 4), cosine without warmup; predictor at the fixed base lr
-    "simsiam": ("simsiam.py --epochs 2 --dim 32 --pred-dim 8", 32, [0.03 / 64, 0.03 / 64 / 2]),
+    "simsiam": ("simsiam.py --epochs 1 --dim 32 --pred-dim 8", 32, [0.03 / 64, 0.03 / 64 / 2]),
     # byol.py small recipe (solo-learn): LARS 1.0 x bs/256, 10 warmup epochs
-    "byol": ("byol.py --epochs 12 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(1.0 / 64)),
+    "byol": ("byol.py --epochs 11 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(1.0 / 64)),
     # simclr.py v1 small recipe (README's CIFAR command): 1.0 x bs/256, 10 warmup epochs
-    "simclr-v1": ("simclr.py --version v1 --epochs 12 --dim 16", 32, warmup_10_epochs(1.0 / 64)),
+    "simclr-v1": ("simclr.py --version v1 --epochs 11 --dim 16", 32, warmup_10_epochs(1.0 / 64)),
     # simclr.py v2 ImageNet recipe (128 px images): square root, 0.075 x sqrt(bs), 10 warmup epochs
-    "simclr-v2": ("simclr.py --version v2 --epochs 12 --dim 16", 128, warmup_10_epochs(0.075 * 2)),
+    "simclr-v2": ("simclr.py --version v2 --epochs 11 --dim 16", 128, warmup_10_epochs(0.075 * 2)),
     # moco.py v1 (the CIFAR demo's lr with v1's schedule): 0.03 x bs/256, x 0.1 at 60% and 80% of 10 steps
     "moco-v1": (
-        "moco.py --version v1 --epochs 10 --bn-splits 2 --dim 16",
+        "moco.py --version v1 --epochs 5 --bn-splits 2 --dim 16",
         32,
         [0.03 / 64] * 6 + [0.003 / 64] * 2 + [0.0003 / 64] * 2,
     ),
     # moco.py v2: 0.03 x bs/256, cosine without warmup
-    "moco-v2": ("moco.py --version v2 --epochs 2 --bn-splits 2 --dim 16", 32, [0.03 / 64, 0.03 / 64 / 2]),
+    "moco-v2": ("moco.py --version v2 --epochs 1 --bn-splits 2 --dim 16", 32, [0.03 / 64, 0.03 / 64 / 2]),
     # moco.py v3 small recipe (solo-learn): LARS 0.3 x bs/256, 10 warmup epochs
-    "moco-v3": ("moco.py --version v3 --epochs 12 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(0.3 / 64)),
+    "moco-v3": ("moco.py --version v3 --epochs 11 --dim 16 --hidden-dim 32", 32, warmup_10_epochs(0.3 / 64)),
 }
 
 
@@ -247,7 +248,7 @@ def test_the_logged_lr_follows_the_recipes_scaling_rule_and_warmup(tmp_path, cas
     warmup; SimSiam's predictor keeps the base lr while the rest decays (Sec. 4.2). backbone.pt is the trained
     backbone of the checkpoint."""
     flags, side, expected = LR_CASES[case]
-    folder = image_folder_of(tmp_path / "images", 4, side)
+    folder = image_folder_of(tmp_path / "images", 8, side)
     run_ok(flags, "--data", folder, TINY, "--batch-size 4 --output-dir", tmp_path / "run")
     logged = [r["train/lr"] for r in read_metrics(tmp_path / "run") if "train/lr" in r]
     assert logged == pytest.approx(expected, rel=1e-12, abs=0)
