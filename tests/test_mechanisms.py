@@ -18,6 +18,7 @@ from conftest import REPO, checkpoint, read_metrics, run_script, write_png
 import byol as B
 import common as C
 import moco as M
+import simsiam as S
 
 TINY = "--arch tiny --image-size 32 --workers 0 --eval-every -1"
 
@@ -95,6 +96,34 @@ def test_byol_target_is_the_ema_of_the_online_network_after_each_step(tmp_path):
         target = [model.target_projector(model.target_backbone(x)) for x in (x1, x2)]
     for mine, theirs in zip(online + target, outputs):
         torch.testing.assert_close(theirs, mine)
+
+
+def test_simsiam_first_step_is_sgd_on_the_stop_gradient_loss(tmp_path):
+    """Alg. 1: the run's first update equals SGD (momentum buffer = the gradient; weight decay on every weight;
+    lr 30 x 4/256 for the encoder and the predictor alike at step 0) on D(p1, sg z2)/2 + D(p2, sg z1)/2,
+    recomputed here from the captured weights and views with the stop-gradient written out as detach; without
+    the stop-gradient the update differs."""
+    folder = image_folder_of(tmp_path / "images", 8)
+    flags = "--batch-size 4 --epochs 1 --lr 30 --wd 0.01 --dim 32 --pred-dim 8"
+    steps, _ = capture(tmp_path, folder, "simsiam", "SimSiam", "simsiam_loss", flags)
+    (p0, p1), (x1, x2) = [s["params"] for s in steps], steps[0]["views"]
+    model = S.SimSiam(C.build_backbone("tiny", 32, True), proj_layers=2, dim=32, pred_dim=8)
+    model.load_state_dict({**p0, **steps[0]["buffers"]})
+
+    def update(stop_grad):
+        model.zero_grad()
+        z1, z2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
+        h1, h2 = model.predictor(z1), model.predictor(z2)
+        if stop_grad:
+            z1, z2 = z1.detach(), z2.detach()
+        (-(F.cosine_similarity(h1, z2).mean() + F.cosine_similarity(h2, z1).mean()) / 2).backward()
+        return {n: -30 * 4 / 256 * (p.grad + 0.01 * p0[n]) for n, p in model.named_parameters()}
+
+    done = {n: p1[n] - p0[n] for n in p0}
+    for n, expected in update(stop_grad=True).items():
+        torch.testing.assert_close(done[n], expected, rtol=1e-3, atol=1e-5, msg=n)
+    without = update(stop_grad=False)
+    assert max((done[n] - without[n]).abs().max().item() for n in done) > 1e-3
 
 
 MOCO_CASES = {
