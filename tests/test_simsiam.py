@@ -51,7 +51,8 @@ def test_encoder_gradient_reaches_only_through_the_predictor():
     targets are constants copied from z (what Alg. 1 means by z.detach())."""
     torch.manual_seed(0)
     model = S.SimSiam(C.TinyNet(), proj_layers=2, dim=32, pred_dim=8)
-    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
     p1, p2, z1, z2 = model(x1, x2)
     g_sg = torch.autograd.grad(S.simsiam_loss(p1, p2, z1, z2), [z1, z2], retain_graph=True)
     t1, t2 = z1.detach().clone(), z2.detach().clone()
@@ -99,17 +100,19 @@ def test_end_to_end_run_folder(tmp_path):
     assert [r["step"] for r in steps] == [0, 1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["train/lr"] > 0 and r["train/images_per_s"] > 0 for r in steps)
     final = rows[-1]
-    assert final["final"] and 0 <= final["eval/knn_top1"] <= 1 and 0 <= final["eval/linear_top1"] <= 1
+    assert final["final"] and final["eval/knn_top1"] > 0.1  # above chance (10 classes)
     assert final["eval/collapse_std"] > 0
     assert "loss" in r.stdout and "img/s" in r.stdout and "left" in r.stdout  # the progress line
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["method"] == "simsiam" and ckpt["step"] == 3
     sd = torch.load(out / "backbone.pt", weights_only=True)
     C.TinyNet().load_state_dict(sd)
-    # Any exported backbone can be evaluated on its own.
+    # Any exported backbone can be evaluated on its own: the same kNN and linear-probe top-1 the run logged,
+    # so the run evaluated the backbone it exported.
     r = run_script("common.py", "--backbone", out / "backbone.pt", "--data", "builtin")
     assert r.returncode == 0, r.stderr
-    assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["eval/linear_top1"] <= 1
+    alone = json.loads(r.stdout.strip().splitlines()[-1])
+    assert alone == {k: final[k] for k in ("eval/knn_top1", "eval/linear_top1")}
 
 
 def test_image_folder_run_exports_a_torchvision_resnet50(tmp_path, image_folder):
@@ -173,7 +176,7 @@ def _bad_inputs(tmp_path, image_folder):
 )
 def test_bad_input_gives_one_clear_line(tmp_path, image_folder, case):
     args, expected = _bad_inputs(tmp_path, image_folder)[case]
-    r = run_script("simsiam.py", "--max-steps", 1, "--eval-every", -1, *args)
+    r = run_script("simsiam.py", "--max-steps", 1, "--eval-every", -1, "--output-dir", tmp_path / "run", *args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and expected in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
