@@ -88,6 +88,11 @@ def int_at_least(lo):
     return _checked(int, lambda v: v >= lo, f"an integer >= {lo}")
 
 
+def seed_int(text):
+    """--seed: an integer in [0, 2**31); the seeds derived from it (seed + rank, per epoch, per image) stay valid."""
+    return _checked(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")(text)
+
+
 def in_range(lo, hi, lo_open=False):
     """A number in [lo, hi], or in (lo, hi] with `lo_open`."""
     ok = (lambda v: lo < v <= hi) if lo_open else (lambda v: lo <= v <= hi)
@@ -133,7 +138,7 @@ class Data:
         """The start line's account of the data: the recipe and why (pick_recipe compares image_size with
         SMALL_IMAGE), then the image and class counts of the training and evaluation splits."""
         side = (
-            f"median image side {self.image_size} px over {self.size_sample} sampled files"
+            f"median short side {self.image_size} px over {self.size_sample} sampled files"
             if self.size_sample
             else f"{self.image_size} px images"
         )
@@ -814,7 +819,7 @@ class TrainLoader:
                 x = self.data.train.images[idx]
                 yield [normalize(augment(x, v, self.gen), self.data) for v in self.views]
             return
-        base = (self.seed * 1_000_003 + epoch) * 10_000_019
+        base = (self.seed * 1_000_003 + epoch) * 10_000_019 % 2**62  # each image's seed stays a valid int64
         self.items = [(int(i), base + int(i)) for idx in mine[start:] for i in idx]
         for crops, errors in self.loader:
             _check_decoded(errors)
@@ -1390,7 +1395,7 @@ def prepare_output_dir(args, method, env):
 def _diverged(what, lr, output_dir):
     ckpt = Path(output_dir) / "ckpt.pt"
     kept = f"{ckpt} keeps the last finite state" if ckpt.exists() else "no checkpoint was written"
-    return f"training diverged: {what} (lr {lr:.3g}); {kept}; start again with a lower --lr"
+    return f"training diverged: {what} (lr {lr:.3g}); {kept}; start again with a lower --lr in a new --output-dir"
 
 
 def check_finite(model, optimizer, env, step, output_dir):
@@ -1404,6 +1409,16 @@ def check_finite(model, optimizer, env, step, output_dir):
     if not ok.item():
         lr = optimizer.param_groups[0]["lr"]
         raise UserError(_diverged(f"the weights are not finite after {step} step(s)", lr, output_dir))
+
+
+def finished(resume, step, last_step, total_steps, env):
+    """True (after saying so) when a resumed run has nothing left to train: it exits 0 and changes no file."""
+    if step < last_step:
+        return False
+    done = "the run is finished" if step >= total_steps else f"--max-steps {last_step} is reached"
+    if env.is_main:
+        print(f"{resume} is at step {step} of {total_steps}: {done}, nothing to do", flush=True)
+    return True
 
 
 def _strict(row):
@@ -1539,7 +1554,7 @@ def main():
     ap.add_argument("--knn-k", type=positive_int, default=200)
     ap.add_argument("--knn-t", type=positive_float, default=0.1)
     ap.add_argument("--workers", type=nonnegative_int, default=8)
-    ap.add_argument("--seed", type=nonnegative_int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = ap.parse_args()
     env = setup(args.device, args.seed)

@@ -55,6 +55,7 @@ from common import (
     collapse_std,
     cosine_lr,
     evaluate,
+    finished,
     gather,
     in_range,
     int_at_least,
@@ -70,6 +71,7 @@ from common import (
     process_rank,
     run,
     save_atomic,
+    seed_int,
     setup,
 )
 
@@ -94,9 +96,7 @@ parser.add_argument("--wd", type=nonnegative_float, default=None, help="weight d
 parser.add_argument("--workers", type=nonnegative_int, default=8, help="DataLoader workers per process (image folders)")
 parser.add_argument("--output-dir", default=None, help="run folder (default runs/moco-<data>-<time>)")
 parser.add_argument("--resume", default=None, help="a ckpt.pt, or 'auto': the output dir's ckpt.pt if any")
-parser.add_argument(
-    "--seed", type=nonnegative_int, default=0, help="weights: seed; data order: seed; augmentation: seed+rank"
-)
+parser.add_argument("--seed", type=seed_int, default=0, help="weights: seed; data order: seed; augmentation: seed+rank")
 parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on CUDA")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -491,11 +491,9 @@ def main():
     # ---- TRAIN -------------------------------------------------------------------------------------------
     total_steps = args.epochs * steps_per_epoch
     last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    logger, stop = Logger(out, env, last_step, args.batch_size, step), StopSignal()  # drops rows of steps to redo
-    if resume and step >= last_step:  # nothing left to train: say so and exit
-        done = "the run is finished" if step >= total_steps else f"--max-steps {args.max_steps} is reached"
-        logger.print(f"{resume} is at step {step} of {total_steps}: {done}, nothing to do")
+    if resume and finished(resume, step, last_step, total_steps, env):  # nothing left to train: exit 0
         return
+    logger, stop = Logger(out, env, last_step, args.batch_size, step), StopSignal()  # drops rows of steps to redo
     logger.print(
         f"moco {args.version}: {data.describe(recipe)}, {steps_per_epoch} steps/epoch, "
         f"{env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
@@ -532,6 +530,7 @@ def main():
             if step == last_step:
                 break
         if step % steps_per_epoch == 0 and step < last_step:  # a full epoch: diagnostics and a checkpoint
+            check_finite(model, optimizer, env, step, out)  # before a diverged network is evaluated
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)

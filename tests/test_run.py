@@ -120,23 +120,26 @@ def test_zero_steps_then_a_diverging_resume_keeps_the_last_good_checkpoint(tmp_p
     assert [x["step"] for x in train] == list(range(bad_step)) and all(math.isfinite(x["train/loss"]) for x in train)
 
 
-# A weight decay (SGD) or LARS trust coefficient of 1e30 with --lr 1e30: the first update overflows the weights,
+# A weight decay (SGD) or LARS trust coefficient of 1e30 (LARC clipping off) with --lr 1e30: the first update overflows the weights,
 # while the one logged loss (of the initial weights) is finite, so only the check in save() can stop the run.
 OVERFLOW = {
     "simsiam.py": "--wd 1e30",
-    "byol.py": "--lars-eta 1e30",
-    "simclr.py": "--lars-eta 1e30",
+    "byol.py": "--lars-eta 1e30 --no-lars-clip",
+    "simclr.py": "--lars-eta 1e30 --no-lars-clip",
     "moco.py": "--wd 1e30",
 }
 
 
 @pytest.mark.parametrize("script", METHODS)
-def test_weights_are_checked_before_every_save(tmp_path, script):
-    flags = "--lr 1e30 --batch-size 32 --eval-every -1 --log-every 1 --max-steps 1 --output-dir"
-    r = run_script(script, TINY[script], OVERFLOW[script], flags, tmp_path)
+def test_weights_are_checked_before_every_save(tmp_path, script, image_folder):
+    """One step per epoch: the epoch's end must stop before it evaluates (no kNN of a diverged network is
+    written) and before it saves."""
+    data = image_folder(n_train=32, n_val=8)
+    flags = "--lr 1e30 --batch-size 32 --epochs 2 --eval-every 1 --log-every 1 --arch tiny --workers 0 --output-dir"
+    r = run_script(script, "--data", data, TINY[script], OVERFLOW[script], flags, tmp_path / "run")
     _one_error_line(r, "diverged", "the weights are not finite after 1 step", "no checkpoint was written")
-    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "backbone.pt").exists()
-    _strict_rows(tmp_path)
+    assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "backbone.pt").exists()
+    assert not [row for row in _strict_rows(tmp_path / "run") if "eval/knn_top1" in row]
 
 
 def test_check_finite_looks_at_parameters_and_buffers(tmp_path):
