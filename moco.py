@@ -343,7 +343,8 @@ def init_vit(vit):
 def make_backbone(args, small, norm_layer=None):
     """The encoder f. v1/v2: torchvision's default init (moco builder.py base_encoder(num_classes=dim)). v3:
     ResNets with zero_init_residual (moco-v3 main_moco.py); ViTs as vits.py (Sec. 4.2): 12 heads, ViT-S too
-    (moco-v3#7: better than DeiT's 6 at the same cost), a fixed sin-cos position embedding, `init_vit`, and the
+    (moco-v3#7: better than DeiT's 6 at the same cost; vits.py has no ViT-Tiny, so its 12 heads of 16 channels
+    are our choice), a fixed sin-cos position embedding, `init_vit`, and the
     patch projection frozen at its random init (--stop-grad-conv1)."""
     vit = args.arch.startswith("vit")
     backbone = build_backbone(
@@ -364,8 +365,9 @@ def make_backbone(args, small, norm_layer=None):
 def make_optimizer(model, args):
     """v1/v2 (moco main_moco.py): SGD, momentum 0.9, weight decay on every parameter. v3 (moco-v3 main_moco.py):
     ResNet: LARS of moco/optimizer.py (momentum 0.9, trust coefficient 1e-3, no decay or adaptation for ndim <= 1,
-    the lr outside the momentum buffer); ViT: AdamW, weight decay on every parameter. Parameters without gradient
-    (the key encoder, a frozen patch projection) are left out. The lr is set every step from `learning_rate`."""
+    the lr outside the momentum buffer); ViT: AdamW, weight decay on every parameter. v1/v2 pass every parameter,
+    as main_moco.py does (the key encoder's get no gradient, so SGD skips them); v3 leaves out those without
+    gradient (the key encoder, a frozen patch projection). The lr is set every step from `learning_rate`."""
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
     if args.optimizer == "lars":
