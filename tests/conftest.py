@@ -80,14 +80,15 @@ def assert_same_run(a, b):
             assert torch.equal(value, cb["optimizer"]["state"][i][name]), (i, name)
 
 
-def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2):
-    """N steps straight == k steps, stop, resume, N - k steps. Returns the straight run's folder."""
+def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2, torchrun=0):
+    """N steps straight == k steps, stop, resume, N - k steps (under torchrun with that many processes if
+    `torchrun`). Returns the straight run's folder."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = run_script(script, flags, "--max-steps", n, "--output-dir", straight)
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", straight, torchrun=torchrun)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script(script, flags, "--max-steps", k, "--output-dir", resumed)
+    r = run_script(script, flags, "--max-steps", k, "--output-dir", resumed, torchrun=torchrun)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script(script, flags, "--max-steps", n, "--output-dir", resumed, "--resume", "auto")
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", resumed, "--resume", "auto", torchrun=torchrun)
     assert r.returncode == 0 and f"starting at step {k}" in r.stdout, r.stderr[-3000:]
     assert_same_run(straight, resumed)
     return straight

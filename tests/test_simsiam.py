@@ -1,5 +1,5 @@
 """simsiam.py: loss and stop-gradient, model shape, the script end to end, exact resume, bad input, learning,
-collapse without the stop-gradient, and torchrun."""
+and collapse without the stop-gradient (torchrun: tests/test_distributed.py)."""
 
 import json
 import math
@@ -245,29 +245,3 @@ def test_without_stop_gradient_the_outputs_head_for_collapse():
     std_no, loss_no = _short_run(stop_grad=False)
     assert std_no < 0.9 < std_sg, (std_no, std_sg)
     assert loss_no < loss_sg - 0.05, (loss_no, loss_sg)
-
-
-def test_torchrun_two_processes_match_one(tmp_path):
-    """gloo, 2 processes: data sharding, DDP gradients and loss, identical weights after a step, kNN."""
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_simsiam.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = torch.load(out, weights_only=True)
-    import dist_simsiam as D
-
-    ref = D.single_process_reference()
-    assert res["indices"] == ref["indices"]  # the two ranks' shares make up the one-process global batch
-    for mode in ("eval", "train"):
-        assert res[f"loss_{mode}"] == pytest.approx(ref[f"loss_{mode}"], abs=1e-6)
-        for name, g in ref[f"grads_{mode}"].items():
-            torch.testing.assert_close(res[f"grads_{mode}"][name], g, atol=1e-5, rtol=1e-4)
-    assert res["weights_equal_across_ranks"]
-    torch.testing.assert_close(res["features"], ref["features"], atol=1e-5, rtol=1e-4)
-    assert res["knn"] == ref["knn"]
-    # And the whole script under torchrun.
-    run_dir = tmp_path / "run"
-    flags = "--max-steps 2 --batch-size 64 --dim 64 --pred-dim 16 --eval-every -1"
-    r = run_script("simsiam.py", flags, "--output-dir", run_dir, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and len(ckpt["aug_rng"]) == 2 and not torch.equal(*ckpt["aug_rng"])
