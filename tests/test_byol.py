@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_it_learns, assert_resume_is_exact, assert_trained_run, checkpoint
+from conftest import assert_it_learns, assert_resume_is_exact, assert_runs_in_bfloat16, assert_trained_run, checkpoint
 
 import byol as B
 import common as C
@@ -84,6 +84,7 @@ def test_end_to_end_and_resume_is_exact_including_the_target(tmp_path):
     model = checkpoint(run)["model"]
     online, target = model["backbone.features.0.weight"], model["target_backbone.features.0.weight"]
     assert not torch.equal(online, target)  # the target lags behind the online network
+    assert_runs_in_bfloat16("byol.py", flags, tmp_path, run)
 
 
 def test_it_learns(tmp_path):

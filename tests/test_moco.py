@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_it_learns, assert_resume_is_exact, assert_trained_run, checkpoint, run_script
+from conftest import (
+    assert_it_learns,
+    assert_resume_is_exact,
+    assert_runs_in_bfloat16,
+    assert_trained_run,
+    checkpoint,
+    run_script,
+)
 
 import common as C
 import moco as M
@@ -143,6 +150,7 @@ def test_end_to_end_and_resume_is_exact_including_queue_and_key_encoder(tmp_path
     flags = f"--version {version} --batch-size 64 --epochs 2 --dim 32 --hidden-dim 64 --eval-every -1 {extra}"
     run = assert_resume_is_exact("moco.py", flags, tmp_path, n=4, k=2)
     assert_trained_run(run, steps=4)
+    assert_runs_in_bfloat16("moco.py", flags, tmp_path, run)
     model = checkpoint(run)["model"]
     assert not torch.equal(model["backbone.features.0.weight"], model["momentum_backbone.features.0.weight"])
     if version != "v3":  # 4 steps of 64 keys (128 when symmetric) went in at the head of the queue

@@ -11,7 +11,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import REPO, assert_it_learns, assert_resume_is_exact, read_metrics, run_script, script_command
+from conftest import (
+    REPO,
+    assert_it_learns,
+    assert_resume_is_exact,
+    assert_runs_in_bfloat16,
+    assert_trained_run,
+    builtin_data,
+    read_metrics,
+    run_script,
+    script_command,
+)
 
 import common as C
 import simsiam as S
@@ -110,6 +120,8 @@ def test_end_to_end_run_folder(tmp_path):
     r = run_script("common.py", "--backbone", out / "backbone.pt", "--data", "builtin")
     assert r.returncode == 0, r.stderr
     assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["eval/linear_top1"] <= 1
+    # The GPU default, bf16 autocast, on the CPU, evaluation included.
+    assert_runs_in_bfloat16("simsiam.py", "--batch-size 64", tmp_path, out, extra="--eval-every 0")
 
 
 def test_image_folder_run_exports_a_torchvision_resnet50(tmp_path, image_folder):
@@ -220,7 +232,7 @@ def test_it_learns(tmp_path, seed):
 def _short_run(stop_grad, steps=80, batch_size=128, lr=0.8):
     """In-process SimSiam on the built-in data; per step the collapse diagnostic (x sqrt(d)) and the loss."""
     torch.manual_seed(0)
-    env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
+    env, data = C.Env(0, 1, 0, torch.device("cpu")), builtin_data()
     loader = C.TrainLoader(data, S.view_recipe(32, small=True), batch_size, env, seed=0)
     model = S.SimSiam(C.TinyNet(), proj_layers=2).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -245,3 +257,15 @@ def test_without_stop_gradient_the_outputs_head_for_collapse():
     std_no, loss_no = _short_run(stop_grad=False)
     assert std_no < 0.9 < std_sg, (std_no, std_sg)
     assert loss_no < loss_sg - 0.05, (loss_no, loss_sg)
+
+
+def test_compile_runs_on_the_cpu(tmp_path):
+    """`--compile` (the GPU default's torch.compile; on a CPU inductor needs a C compiler, `cc`) for two steps,
+    from an empty compile cache as on a fresh CI machine: the run completes with finite losses and inductor
+    compiled kernels (its cache, kept under tmp_path, is no longer empty)."""
+    cache = tmp_path / "inductor"
+    flags = "--compile --max-steps 2 --batch-size 64 --dim 64 --pred-dim 16 --eval-every -1 --output-dir"
+    r = run_script("simsiam.py", flags, tmp_path / "run", env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_trained_run(tmp_path / "run", steps=2)
+    assert any(p.is_file() for p in cache.rglob("*"))
