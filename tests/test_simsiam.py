@@ -222,11 +222,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
     assert r.returncode == 0 and f"starting at step {step}" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_it_learns(tmp_path, seed):
-    """`python simsiam.py` for 200 of its 390 steps (about a minute on 2 cores) lifts kNN top-1 on the built-in
-    shapes well above the random-init network: +13 to +16 points over seeds 0-2, asserted at +8."""
-    assert_it_learns("simsiam.py", "--max-steps 200", tmp_path, seed)
+def test_it_learns(tmp_path):
+    """`python simsiam.py` for 200 of its 390 steps (about 90 s on 2 cores) lifts kNN top-1 on the built-in
+    shapes well above the random-init network: +13 to +16 points over seeds 0-2, asserted at +8 for seed 0.
+    At 100 steps it has not started (seed 0: 32.1% against 33.0%). The stop-gradient's ablation is tested
+    more cheaply by test_without_stop_gradient_the_outputs_head_for_collapse."""
+    assert_it_learns("simsiam.py", "--max-steps 200", tmp_path, margin=0.08)
 
 
 def _short_run(stop_grad, steps=80, batch_size=128, lr=0.8):
