@@ -144,7 +144,7 @@ def random_init_knn(seed):
 
 def final_knn(script, flags, seed, run_dir):
     """kNN top-1 at the end of a CPU run of `script` on the built-in data."""
-    r = run_script(script, flags, "--eval-every", 0, "--seed", seed, "--output-dir", run_dir)
+    r = run_script(script, flags, "--eval-every", 0, "--seed", seed, "--output-dir", run_dir, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return read_metrics(run_dir)[-1]["eval/knn_top1"]
 
