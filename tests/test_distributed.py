@@ -9,6 +9,10 @@
   checksum of its weights (`rank_checksums` in ckpt.pt) is the same;
 - test_resume_under_torchrun_is_exact: SimSiam and MoCo v2 (a per-rank augmentation RNG, and the queue), 4 steps
   straight against 2 + resume + 2: bitwise the same model, queue and optimizer, and ranks in step.
+
+Deliberate bugs seen to fail: byol.py without its DistributedDataParallel wrap (test_ranks_stay_in_step[byol]:
+the checksums differ); every rank restoring rank 0's augmentation RNG on resume (test_resume_..._exact[simsiam]);
+MoCo enqueueing only its own rank's keys (test_resume_..._exact[moco-v2]: the checksums differ).
 """
 
 import dist_methods
