@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import functools
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -1292,6 +1293,23 @@ def save_atomic(obj, path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rank_checksums(model, env):
+    """Every rank's fingerprint of its model, in rank order (call it on every rank): the first 16 hex digits of
+    a SHA-256 over the bytes of every parameter and buffer (target network, key encoder, queue included), a
+    bitwise fingerprint that no cancellation can hide. BN running statistics are left out: under torchrun on
+    CPUs they are per process (gloo has no SyncBatchNorm). Data-parallel training keeps the ranks bitwise in step,
+    so the values must all be equal; a rank that drifted (e.g. a missing DistributedDataParallel wrap) shows."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not name.endswith(("running_mean", "running_var")):
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    sums = [h.hexdigest()[:16]] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(sums, sums[0])
+    return sums
 
 
 CHECKPOINT_KEYS = ("method", "config", "step", "model", "optimizer", "aug_rng", "rng")

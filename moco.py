@@ -69,6 +69,7 @@ from common import (
     positive_int,
     prepare_output_dir,
     process_rank,
+    rank_checksums,
     run,
     save_atomic,
     seed_int,
@@ -475,6 +476,7 @@ def main():
         states = [loader.gen.get_state()] * env.world_size  # every rank's augmentation RNG, gathered to rank 0
         if env.world_size > 1:
             dist.all_gather_object(states, loader.gen.get_state())
+        checksums = rank_checksums(model, env)  # equal on every rank, or the ranks drifted apart
         if env.is_main:
             save_atomic(
                 {
@@ -484,6 +486,7 @@ def main():
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "aug_rng": states,
+                    "rank_checksums": checksums,
                     "rng": torch.get_rng_state(),
                 },
                 out / "ckpt.pt",

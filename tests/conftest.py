@@ -15,11 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def script_command(*args, torchrun=0):
+def script_command(*args, torchrun=0, env=None):
     """(command, environment) running `python <args>`, or torchrun with that many processes, from the repo root.
     A str argument is split on spaces ("simsiam.py --max-steps 2"), a list flattened; paths and numbers stay
-    single arguments."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if torchrun else "2"}
+    single arguments. `env`: extra environment variables."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if torchrun else "2", **(env or {})}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     return (launcher if torchrun else [sys.executable]) + _words(args), env
 
@@ -31,9 +31,9 @@ def _words(args):
     return args.split() if isinstance(args, str) else [str(args)]
 
 
-def run_script(*args, timeout=300, torchrun=0):
+def run_script(*args, timeout=300, torchrun=0, env=None):
     """Run a script to completion (nothing in the tests downloads); returns the CompletedProcess."""
-    cmd, env = script_command(*args, torchrun=torchrun)
+    cmd, env = script_command(*args, torchrun=torchrun, env=env)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -80,14 +80,15 @@ def assert_same_run(a, b):
             assert torch.equal(value, cb["optimizer"]["state"][i][name]), (i, name)
 
 
-def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2):
-    """N steps straight == k steps, stop, resume, N - k steps. Returns the straight run's folder."""
+def assert_resume_is_exact(script, flags, tmp_path, n=4, k=2, torchrun=0):
+    """N steps straight == k steps, stop, resume, N - k steps (under torchrun with that many processes if
+    `torchrun`). Returns the straight run's folder."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = run_script(script, flags, "--max-steps", n, "--output-dir", straight)
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", straight, torchrun=torchrun)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script(script, flags, "--max-steps", k, "--output-dir", resumed)
+    r = run_script(script, flags, "--max-steps", k, "--output-dir", resumed, torchrun=torchrun)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script(script, flags, "--max-steps", n, "--output-dir", resumed, "--resume", "auto")
+    r = run_script(script, flags, "--max-steps", n, "--output-dir", resumed, "--resume", "auto", torchrun=torchrun)
     assert r.returncode == 0 and f"starting at step {k}" in r.stdout, r.stderr[-3000:]
     assert_same_run(straight, resumed)
     return straight
@@ -104,6 +105,30 @@ def assert_trained_run(run_dir, steps):
     C.TinyNet().load_state_dict(torch.load(Path(run_dir) / "backbone.pt", weights_only=True))
 
 
+def first_loss(run_dir):
+    return next(r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r)
+
+
+def assert_runs_in_bfloat16(script, flags, tmp_path, float32_run, extra="--eval-every -1"):
+    """Two steps of `float32_run`'s configuration with `--dtype bfloat16` (the GPU default, bf16 autocast) on the
+    CPU: the run completes with finite losses, and its first loss is near the float32 run's but not equal to it
+    (so the autocast was on)."""
+    out = tmp_path / "bf16"
+    r = run_script(script, flags, extra, "--dtype bfloat16 --max-steps 2 --output-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_trained_run(out, steps=2)
+    bf16, fp32 = first_loss(out), first_loss(float32_run)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02, abs=0.02), (bf16, fp32)
+
+
+@functools.lru_cache
+def builtin_data():
+    """The built-in data set, generated once per test process (about two seconds each time otherwise)."""
+    import common as C
+
+    return C.load_data("builtin")
+
+
 @functools.lru_cache
 def random_init_knn(seed):
     """kNN top-1 (k 200, T 0.1) on the built-in data of the tiny backbone a CPU run with this seed starts from:
@@ -114,13 +139,22 @@ def random_init_knn(seed):
         image_size, workers, knn_k, knn_t = 32, 0, 200, 0.1
 
     torch.manual_seed(seed)
-    env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
-    return C.evaluate(C.TinyNet(), data, env, Args)["eval/knn_top1"]
+    return C.evaluate(C.TinyNet(), builtin_data(), C.Env(0, 1, 0, torch.device("cpu")), Args)["eval/knn_top1"]
 
 
-def assert_it_learns(script, flags, tmp_path, seed=0, margin=0.08):
-    """A short CPU run on the built-in data lifts kNN top-1 `margin` above the network it started from."""
-    r = run_script(script, flags, "--eval-every", 0, "--seed", seed, "--output-dir", tmp_path / "learn")
+def final_knn(script, flags, seed, run_dir):
+    """kNN top-1 at the end of a CPU run of `script` on the built-in data."""
+    r = run_script(script, flags, "--eval-every", 0, "--seed", seed, "--output-dir", run_dir, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    trained = read_metrics(tmp_path / "learn")[-1]["eval/knn_top1"]
+    return read_metrics(run_dir)[-1]["eval/knn_top1"]
+
+
+def assert_it_learns(script, flags, tmp_path, seed=0, margin=0.08, baseline=None, baseline_margin=0.03):
+    """A short CPU run on the built-in data lifts kNN top-1 `margin` above the network it started from and,
+    with `baseline` (flags that switch the method's mechanism off: a frozen target, no stop-gradient),
+    `baseline_margin` above the same run with the mechanism off."""
+    trained = final_knn(script, flags, seed, tmp_path / "learn")
     assert trained > random_init_knn(seed) + margin, (random_init_knn(seed), trained)
+    if baseline:
+        off = final_knn(script, [flags, baseline], seed, tmp_path / "baseline")
+        assert trained > off + baseline_margin, (off, trained)

@@ -1,13 +1,44 @@
-"""torchrun --nproc_per_node=2 with gloo for SimCLR, MoCo and BYOL: what depends on the global batch matches one
-process on the whole batch (tests/dist_methods.py), and each script runs under torchrun."""
+"""Everything that runs under `torchrun --nproc_per_node=2` (gloo, CPU). What each test compares:
 
-import dist_methods as D
+- test_simsiam_gradients_data_and_knn_match_one_process (tests/dist_simsiam.py): data shards, loss and DDP
+  gradients (eval- and train-mode BN), weights after an SGD step, extracted features and kNN against one process
+  on the whole global batch;
+- test_gathered_losses_shuffle_and_queue_match_one_process (tests/dist_methods.py): SimCLR's loss with negatives
+  gathered with gradient and MoCo v3's with gathered keys, against one process; Shuffling BN; MoCo's queue;
+- test_ranks_stay_in_step: each method file (SimSiam, BYOL, SimCLR v2, MoCo v2 and v3) for 2 steps; every rank's
+  checksum of its weights (`rank_checksums` in ckpt.pt) is the same;
+- test_resume_under_torchrun_is_exact: SimSiam and MoCo v2 (a per-rank augmentation RNG, and the queue), 4 steps
+  straight against 2 + resume + 2: bitwise the same model, queue and optimizer, and ranks in step.
+
+Deliberate bugs seen to fail: byol.py without its DistributedDataParallel wrap (test_ranks_stay_in_step[byol]:
+the checksums differ); every rank restoring rank 0's augmentation RNG on resume (test_resume_..._exact[simsiam]);
+MoCo enqueueing only its own rank's keys (test_resume_..._exact[moco-v2]: the checksums differ).
+"""
+
+import dist_methods
+import dist_simsiam
 import pytest
 import torch
-from conftest import REPO, checkpoint, run_script
+from conftest import REPO, assert_resume_is_exact, checkpoint, run_script
+
+
+def test_simsiam_gradients_data_and_knn_match_one_process(tmp_path):
+    out = tmp_path / "dist.pt"
+    r = run_script(REPO / "tests" / "dist_simsiam.py", out, torchrun=2, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res, ref = torch.load(out, weights_only=True), dist_simsiam.single_process_reference()
+    assert res["indices"] == ref["indices"]  # the two ranks' shares make up the one-process global batch
+    for mode in ("eval", "train"):
+        assert res[f"loss_{mode}"] == pytest.approx(ref[f"loss_{mode}"], abs=1e-6)
+        for name, g in ref[f"grads_{mode}"].items():
+            torch.testing.assert_close(res[f"grads_{mode}"][name], g, atol=1e-5, rtol=1e-4)
+    assert res["weights_equal_across_ranks"]
+    torch.testing.assert_close(res["features"], ref["features"], atol=1e-5, rtol=1e-4)
+    assert res["knn"] == ref["knn"]
 
 
 def test_gathered_losses_shuffle_and_queue_match_one_process(tmp_path):
+    D = dist_methods
     out = tmp_path / "dist.pt"
     r = run_script(REPO / "tests" / "dist_methods.py", out, torchrun=2, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -22,26 +53,38 @@ def test_gathered_losses_shuffle_and_queue_match_one_process(tmp_path):
     torch.testing.assert_close(res["queue_head"], torch.cat([x1[:n], x1[n:] + 1]))  # rank 0's keys, then rank 1's
 
 
-@pytest.mark.parametrize(
-    "script,flags",
-    [
-        ("moco.py", "--version v2 --queue-size 512"),  # Shuffling BN across processes, gathered queue
-        ("simclr.py", "--version v2"),  # negatives gathered with gradient through DDP
-        ("byol.py", ""),  # a target network without gradient inside DDP
-    ],
-    ids=["moco-v2", "simclr-v2", "byol"],
-)
-def test_scripts_run_under_torchrun(tmp_path, script, flags):
-    r = run_script(
-        script,
-        flags,
-        "--max-steps 2 --batch-size 64 --dim 32 --eval-every -1 --output-dir",
-        tmp_path,
-        torchrun=2,
-        timeout=240,
-    )
+SMALL = "--batch-size 64 --epochs 2 --eval-every -1"
+METHODS = {
+    "simsiam": ("simsiam.py", "--dim 64 --pred-dim 16"),
+    "byol": ("byol.py", "--dim 32 --hidden-dim 64"),  # a target network without gradient inside DDP
+    "simclr-v2": ("simclr.py", "--version v2 --dim 32"),  # negatives gathered with gradient through DDP
+    "moco-v2": ("moco.py", "--version v2 --dim 32 --hidden-dim 64 --queue-size 512"),  # Shuffling BN, the queue
+    "moco-v3": ("moco.py", "--version v3 --dim 32 --hidden-dim 64"),  # keys gathered, labels offset by rank
+}
+
+
+def assert_ranks_in_step(run_dir, steps):
+    ckpt = checkpoint(run_dir)
+    assert ckpt["step"] == steps and len(ckpt["aug_rng"]) == 2 and not torch.equal(*ckpt["aug_rng"])
+    sums = ckpt["rank_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1], sums  # every rank ends with bitwise the same weights
+    return ckpt
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr-v2", "moco-v3"])
+def test_ranks_stay_in_step(tmp_path, method):
+    """The resume test below covers SimSiam and MoCo v2 the same way."""
+    script, flags = METHODS[method]
+    r = run_script(script, flags, SMALL, "--max-steps 2 --output-dir", tmp_path, torchrun=2, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = checkpoint(tmp_path)
-    assert ckpt["step"] == 2 and len(ckpt["aug_rng"]) == 2
-    if script == "moco.py":
-        assert int(ckpt["model"]["queue_ptr"]) == 2 * 64 and ckpt["config"]["bn_splits"] == 1
+    assert_ranks_in_step(tmp_path, 2)
+
+
+@pytest.mark.parametrize("method", ["simsiam", "moco-v2"])
+def test_resume_under_torchrun_is_exact(tmp_path, method):
+    script, flags = METHODS[method]
+    run = assert_resume_is_exact(script, f"{flags} {SMALL}", tmp_path, n=4, k=2, torchrun=2)
+    ckpt = assert_ranks_in_step(run, 4)
+    assert assert_ranks_in_step(tmp_path / "resumed", 4)["rank_checksums"] == ckpt["rank_checksums"]
+    if method == "moco-v2":  # 4 steps of 64 keys, every rank's, in the queue; one BN split per process
+        assert int(ckpt["model"]["queue_ptr"]) == 4 * 64 and ckpt["config"]["bn_splits"] == 1

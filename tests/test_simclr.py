@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_it_learns, assert_resume_is_exact, assert_trained_run
+from conftest import assert_it_learns, assert_resume_is_exact, assert_runs_in_bfloat16, assert_trained_run
 
 import common as C
 import simclr as S
@@ -66,6 +66,7 @@ def test_end_to_end_and_resume_is_exact(tmp_path, version):
     flags = f"--version {version} --batch-size 64 --epochs 2 --dim 32 --eval-every -1"
     run = assert_resume_is_exact("simclr.py", flags, tmp_path, n=4, k=2)
     assert_trained_run(run, steps=4)
+    assert_runs_in_bfloat16("simclr.py", flags, tmp_path, run)
     if version == "v2":  # the first head layer, where v2 fine-tunes from
         head = nn.Sequential(nn.Linear(256, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU())
         head.load_state_dict(torch.load(run / "head1.pt", weights_only=True))

@@ -1,5 +1,5 @@
 """simsiam.py: loss and stop-gradient, model shape, the script end to end, exact resume, bad input, learning,
-collapse without the stop-gradient, and torchrun."""
+and collapse without the stop-gradient (torchrun: tests/test_distributed.py)."""
 
 import json
 import math
@@ -11,7 +11,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import REPO, assert_it_learns, assert_resume_is_exact, read_metrics, run_script, script_command
+from conftest import (
+    REPO,
+    assert_it_learns,
+    assert_resume_is_exact,
+    assert_runs_in_bfloat16,
+    assert_trained_run,
+    builtin_data,
+    read_metrics,
+    run_script,
+    script_command,
+)
 
 import common as C
 import simsiam as S
@@ -113,6 +123,8 @@ def test_end_to_end_run_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     alone = json.loads(r.stdout.strip().splitlines()[-1])
     assert alone == {k: final[k] for k in ("eval/knn_top1", "eval/linear_top1")}
+    # The GPU default, bf16 autocast, on the CPU, evaluation included.
+    assert_runs_in_bfloat16("simsiam.py", "--batch-size 64", tmp_path, out, extra="--eval-every 0")
 
 
 def test_image_folder_run_exports_a_torchvision_resnet50(tmp_path, image_folder):
@@ -213,17 +225,21 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
     assert r.returncode == 0 and f"starting at step {step}" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_it_learns(tmp_path, seed):
-    """`python simsiam.py` for 200 of its 390 steps (about a minute on 2 cores) lifts kNN top-1 on the built-in
-    shapes well above the random-init network: +13 to +16 points over seeds 0-2, asserted at +8."""
-    assert_it_learns("simsiam.py", "--max-steps 200", tmp_path, seed)
+def test_it_learns(tmp_path):
+    """`python simsiam.py` for 200 of its 390 steps (about 90 s on 2 cores) lifts kNN top-1 on the built-in
+    shapes above the random-init network and far above the same run without the stop-gradient (collapsing).
+    Seeds 0 / 1 / 2: 44.2 / 43.1 / 38.4% trained, 33.0 / 28.7 / 25.0% at random init (+11 to +14, asserted at
+    +8), 16.2 / 23.1 / 19.6% without the stop-gradient (+19 to +28, asserted at +10). At 100 steps SimSiam has
+    not started yet (seed 0: 32.1%)."""
+    assert_it_learns(
+        "simsiam.py", "--max-steps 200", tmp_path, margin=0.08, baseline="--no-stop-grad", baseline_margin=0.1
+    )
 
 
 def _short_run(stop_grad, steps=80, batch_size=128, lr=0.8):
     """In-process SimSiam on the built-in data; per step the collapse diagnostic (x sqrt(d)) and the loss."""
     torch.manual_seed(0)
-    env, data = C.Env(0, 1, 0, torch.device("cpu")), C.load_data("builtin")
+    env, data = C.Env(0, 1, 0, torch.device("cpu")), builtin_data()
     loader = C.TrainLoader(data, S.view_recipe(32, small=True), batch_size, env, seed=0)
     model = S.SimSiam(C.TinyNet(), proj_layers=2).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -250,27 +266,13 @@ def test_without_stop_gradient_the_outputs_head_for_collapse():
     assert loss_no < loss_sg - 0.05, (loss_no, loss_sg)
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    """gloo, 2 processes: data sharding, DDP gradients and loss, identical weights after a step, kNN."""
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_simsiam.py", out, torchrun=2, timeout=240)
+def test_compile_runs_on_the_cpu(tmp_path):
+    """`--compile` (the GPU default's torch.compile; on a CPU inductor needs a C compiler, `cc`) for two steps,
+    from an empty compile cache as on a fresh CI machine: the run completes with finite losses and inductor
+    compiled kernels (its cache, kept under tmp_path, is no longer empty)."""
+    cache = tmp_path / "inductor"
+    flags = "--compile --max-steps 2 --batch-size 64 --dim 64 --pred-dim 16 --eval-every -1 --output-dir"
+    r = run_script("simsiam.py", flags, tmp_path / "run", env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = torch.load(out, weights_only=True)
-    import dist_simsiam as D
-
-    ref = D.single_process_reference()
-    assert res["indices"] == ref["indices"]  # the two ranks' shares make up the one-process global batch
-    for mode in ("eval", "train"):
-        assert res[f"loss_{mode}"] == pytest.approx(ref[f"loss_{mode}"], abs=1e-6)
-        for name, g in ref[f"grads_{mode}"].items():
-            torch.testing.assert_close(res[f"grads_{mode}"][name], g, atol=1e-5, rtol=1e-4)
-    assert res["weights_equal_across_ranks"]
-    torch.testing.assert_close(res["features"], ref["features"], atol=1e-5, rtol=1e-4)
-    assert res["knn"] == ref["knn"]
-    # And the whole script under torchrun.
-    run_dir = tmp_path / "run"
-    flags = "--max-steps 2 --batch-size 64 --dim 64 --pred-dim 16 --eval-every -1"
-    r = run_script("simsiam.py", flags, "--output-dir", run_dir, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and len(ckpt["aug_rng"]) == 2 and not torch.equal(*ckpt["aug_rng"])
+    assert_trained_run(tmp_path / "run", steps=2)
+    assert any(p.is_file() for p in cache.rglob("*"))
