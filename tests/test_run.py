@@ -120,8 +120,9 @@ def test_zero_steps_then_a_diverging_resume_keeps_the_last_good_checkpoint(tmp_p
     assert [x["step"] for x in train] == list(range(bad_step)) and all(math.isfinite(x["train/loss"]) for x in train)
 
 
-# A weight decay (SGD) or LARS trust coefficient of 1e30 (LARC clipping off) with --lr 1e30: the first update overflows the weights,
-# while the one logged loss (of the initial weights) is finite, so only the check in save() can stop the run.
+# A weight decay (SGD) or LARS trust coefficient of 1e30 (LARC clipping off) with --lr 1e30: the first update
+# overflows the weights, while the one logged loss (of the initial weights) is finite, so only the checks before
+# the epoch's evaluation and in save() can stop the run.
 OVERFLOW = {
     "simsiam.py": "--wd 1e30",
     "byol.py": "--lars-eta 1e30 --no-lars-clip",
