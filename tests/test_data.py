@@ -288,7 +288,7 @@ def test_the_recipe_is_decided_by_the_median_of_a_sample_and_the_start_line_says
         _png(photos / "train" / "ab"[i % 2] / f"{i + 1}.png", 300, 400)  # short side 300
     d = C.load_data(str(photos))
     assert (d.image_size, d.size_sample) == (300, 7) and C.pick_recipe(recipes, d, env, Args()) == "imagenet"
-    assert d.describe("imagenet").startswith("imagenet recipe (median image side 300 px over 7 sampled files > 96)")
+    assert d.describe("imagenet").startswith("imagenet recipe (median short side 300 px over 7 sampled files > 96)")
     # 100 files, 40 large then 60 small in sorted order: the median of a sample of 64 evenly spaced files is
     # small; the first file, the first 64 files, or a mean (99 px) would pick the ImageNet recipe.
     mixed = tmp_path / "mixed"
@@ -296,7 +296,7 @@ def test_the_recipe_is_decided_by_the_median_of_a_sample_and_the_start_line_says
         _png(mixed / "train" / "a" / f"{i:03d}.png", 200 if i < 40 else 32)
     d, args = C.load_data(str(mixed)), Args()
     assert (d.image_size, d.size_sample) == (32, 64) and C.pick_recipe(recipes, d, env, args) == "small"
-    assert args.image_size == 32 and "median image side 32 px over 64 sampled files <= 96" in d.describe("small")
+    assert args.image_size == 32 and "median short side 32 px over 64 sampled files <= 96" in d.describe("small")
     # Arrays (every image has the same side), with unlabeled images counted apart as in STL-10.
     train = C.Split(torch.tensor([0, 1, 0, 1, 0, 1, -1, -1, -1, -1]), images=torch.zeros(10, 3, 32, 32))
     arrays = C.Data("x", 32, 10, (0,), (1,), train, train, C.Split(torch.tensor([0, 1, 1])))
@@ -330,5 +330,5 @@ def test_a_run_on_a_folder_of_mixed_files(tmp_path):
         tmp_path / "run",
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    start = "simsiam: small recipe (median image side 32 px over 8 sampled files <= 96), train 8 images in 2 classes"
+    start = "simsiam: small recipe (median short side 32 px over 8 sampled files <= 96), train 8 images in 2 classes"
     assert f"{start}, val 4 images in 2 classes, 2 steps/epoch" in r.stdout
