@@ -66,6 +66,20 @@ def assert_backbone_pt_is(run_dir, prefix, model_state):
 
 
 # ---- EMA target (BYOL) and key encoder (MoCo) -----------------------------------------------------------------
+def ema_pairs(steps, run_dir, prefix):
+    """A two-step run's weights entering step 0, entering step 1 and at the end (the checkpoint), and the map from
+    each EMA copy (`prefix` + name) to the online weight it follows; every backbone and projector weight has a
+    copy, and the online weights moved in step 0."""
+    ckpt = checkpoint(run_dir)
+    assert len(steps) == 2 and ckpt["step"] == 2
+    (p0, p1), p2 = [s["params"] for s in steps], ckpt["model"]
+    copies = [n for n in p0 if n.startswith(prefix)]
+    assert len(copies) == len([n for n in p0 if n.startswith(("backbone.", "projector."))])
+    pairs = {n: n[len(prefix) :] for n in copies}
+    assert_moved(p0, p1, pairs.values())
+    return p0, p1, p2, pairs
+
+
 def test_byol_target_is_the_ema_of_the_online_network_after_each_step(tmp_path):
     """Sec. 3.1: after step k's optimizer step, xi <- tau_k xi + (1 - tau_k) theta (the new online weights), with
     tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2. K = 2 steps (one epoch), tau_base 0.6: tau_0 = 0.6,
@@ -73,13 +87,7 @@ def test_byol_target_is_the_ema_of_the_online_network_after_each_step(tmp_path):
     folder = image_folder_of(tmp_path / "images", 8)
     flags = "--batch-size 4 --epochs 1 --warmup-epochs 0 --tau-base 0.6 --dim 16 --hidden-dim 32"
     steps, run_dir = capture(tmp_path, folder, "byol", "BYOL", "byol_loss", flags)
-    ckpt = checkpoint(run_dir)
-    assert len(steps) == 2 and ckpt["step"] == 2
-    (p0, p1), p2 = [s["params"] for s in steps], ckpt["model"]
-    targets = [n for n in p0 if n.startswith("target_")]
-    assert len(targets) == len([n for n in p0 if n.startswith(("backbone.", "projector."))])
-    online = {n: n[len("target_") :] for n in targets}
-    assert_moved(p0, p1, online.values())
+    p0, p1, p2, online = ema_pairs(steps, run_dir, "target_")
     tau0, tau1 = 0.6, 1 - (1 - 0.6) * (math.cos(math.pi * 1 / 2) + 1) / 2
     for n, o in online.items():
         assert torch.equal(p0[n], p0[o]), n  # a copy at the start
@@ -159,13 +167,7 @@ def test_moco_key_encoder_moves_before_the_keys_from_the_previous_query_weights(
     from the initial copy, the key encoder a step sees is m_t K_{t-1} + (1 - m_t) Q_t, and nothing moves it
     after the last step's loss. backbone.pt is the query encoder's backbone."""
     steps, run_dir = moco_run(case)
-    ckpt = checkpoint(run_dir)
-    assert len(steps) == 2 and ckpt["step"] == 2
-    (p0, p1), p2 = [s["params"] for s in steps], ckpt["model"]
-    keys = [n for n in p0 if n.startswith("momentum_")]
-    assert len(keys) == len([n for n in p0 if n.startswith(("backbone.", "projector."))])
-    query = {n: n[len("momentum_") :] for n in keys}
-    assert_moved(p0, p1, query.values())
+    p0, p1, p2, query = ema_pairs(steps, run_dir, "momentum_")
     m1 = MOCO_CASES[case][2]
     for n, q in query.items():
         assert torch.equal(p0[n], p0[q]), n  # step 0's keys: the initial copy (m_0 K + (1 - m_0) Q_0 = K)
