@@ -25,7 +25,7 @@ deviation from them is marked "Deviation:" below and listed in the README.
     torchrun --nproc_per_node=8 moco.py --version v2 --data /path/to/imagenet   # --batch-size: the global 256
 
 Result on the built-in shapes, 2-core CPU, tiny backbone: `--max-steps 200` (200 of the demo's 390 steps)
-reaches kNN top-1 53.9% (linear probe 76.0%) for v1, 41.4% (66.4%) for v2 and 48.3% (76.9%) for v3, against
+reaches kNN top-1 55.5% (linear probe 77.1%) for v1, 41.4% (66.4%) for v2 and 48.3% (76.9%) for v3, against
 33.0% (54.2%) for the random-init network (seed 0; pixels: 22.0%). GPU numbers are still to be measured.
 """
 
