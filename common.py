@@ -603,17 +603,26 @@ def sample_jitter(n, view, gen, device="cpu"):
 
 
 def apply_jitter(x, params, order, view):
-    """The four ops in each image's own order, clipped to [0, 1] after each op as the sources do. At each position
-    the brightness, contrast and saturation ops run on every image, with the identity parameter (exact: they then
-    return their input) where that op is not the image's op at that position; the hue rotation is selected."""
+    """The four ops in each image's own order, clipped to [0, 1] after each op as the sources do. On the CPU each
+    op runs only on the images that have it at that position (gathered, adjusted, scattered back: four passes per
+    jittered image, none for the others). On CUDA (masked form, no host sync) at each position the brightness,
+    contrast and saturation ops run on every image, with the identity parameter (exact: they then return their
+    input) where that op is not the image's op at that position, and the hue rotation is selected. The two
+    forms give the same images (tests/test_augment.py)."""
     brightness = add_brightness if view.brightness == "add" else adjust_brightness
     if view.color == "tf":
-        ops = (brightness, adjust_contrast_tf, adjust_saturation_tf)
+        ops = (brightness, adjust_contrast_tf, adjust_saturation_tf, adjust_hue)
     else:
-        ops = (brightness, adjust_contrast, adjust_saturation)
+        ops = (brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    if _by_subset(x):
+        x = x.clone()  # written in place below
+        for pos in range(4):
+            for i, op in enumerate(ops):
+                _on_subset(x, order[:, pos] == i, lambda y, idx, op=op, i=i: op(y, params[i][idx]).clamp(0, 1))
+        return x
     identity = (0.0 if view.brightness == "add" else 1.0, 1.0, 1.0)
     for pos in range(4):
-        for i, op in enumerate(ops):
+        for i, op in enumerate(ops[:3]):
             x = op(x, torch.where(order[:, pos] == i, params[i], identity[i])).clamp(0, 1)
         x = torch.where(_b(order[:, pos] == 3), adjust_hue(x, params[3]), x)
     return x
@@ -641,21 +650,35 @@ def sample_view(n, height, width, view, gen, device="cpu", crop=True):
 
 def apply_view(x, view, p):
     """One view of a float batch (B, 3, H, W) in [0, 1] with the parameters of `sample_view`, in the sources'
-    order: crop + flip, colour jitter and grayscale (in the view's order), blur, solarize."""
+    order: crop + flip, colour jitter and grayscale (in the view's order), blur, solarize. On the CPU each op
+    touches only the images it applies to; on CUDA the masked form (see `_by_subset`)."""
     if "crop" in p:
         x = resized_crop(x, *p["crop"], view.size, p["flip"]).clamp(0, 1)
+    subset = _by_subset(x)
+    x = x.clone() if subset and "crop" not in p else x  # the subset ops write in place: not into the caller's x
 
     def gray(x):
-        return torch.where(_b(p["gray"]), grayscale(x).expand_as(x), x) if "gray" in p else x
+        if "gray" not in p:
+            return x
+        if subset:
+            return _on_subset(x, p["gray"], lambda y, idx: grayscale(y).expand_as(y))
+        return torch.where(_b(p["gray"]), grayscale(x).expand_as(x), x)
 
     x = gray(x) if view.gray_first else x
     x = apply_jitter(x, *p["jitter"], view) if "jitter" in p else x
     x = x if view.gray_first else gray(x)
     if "blur" in p:
-        pad = "zeros" if view.color == "tf" else "reflect"
-        x = gaussian_blur(x, p["blur"], blur_kernel(view.size), pad).clamp(0, 1)
+        pad, k = "zeros" if view.color == "tf" else "reflect", blur_kernel(view.size)
+        if subset:
+            blurred = p["blur"] > 0  # sigma 0: not blurred
+            x = _on_subset(x, blurred, lambda y, idx: gaussian_blur(y, p["blur"][idx], k, pad).clamp(0, 1))
+        else:
+            x = gaussian_blur(x, p["blur"], k, pad).clamp(0, 1)
     if "solarize" in p:
-        x = solarize(x, p["solarize"])
+        if subset:
+            x = _on_subset(x, p["solarize"], lambda y, idx: torch.where(y >= 0.5, 1 - y, y))
+        else:
+            x = solarize(x, p["solarize"])
     return x
 
 
@@ -678,6 +701,22 @@ def normalize(x, data):
         _const(tuple(data.std), x.device).view(1, -1, 1, 1),
     )
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _by_subset(x):
+    """Whether the colour ops run on the subset of images each applies to (gather, apply, scatter back) rather
+    than on the whole batch with the result kept by a mask. The subset saves the work of the images an op skips
+    (4-10x on a CPU), but its size depends on the data: on a GPU that costs a host sync per op, so CUDA keeps the
+    masked form, whose extra arithmetic is cheap there."""
+    return x.device.type == "cpu"
+
+
+def _on_subset(x, mask, fn):
+    """x[mask] = fn(x[mask], idx) in place, idx the indices where `mask` (B,) is True; fn sees only those images."""
+    idx = mask.nonzero().squeeze(1)
+    if len(idx):
+        x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------

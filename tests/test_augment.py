@@ -124,3 +124,58 @@ def test_augment_is_reproducible_from_the_generator_state():
     a = C.augment(x, view, g)
     g.set_state(state)
     assert torch.equal(a, C.augment(x, view, g))
+
+
+SUBSET_VIEWS = {
+    "torchvision": C.ViewAug(20, scale=(0.2, 1.0), jitter_p=0.8, gray_p=0.4, blur_p=0.5, solarize_p=0.4),
+    "gray_first": C.ViewAug(20, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.5, gray_first=True),
+    "tf_multiply": C.ViewAug(20, jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.4, blur_p=0.5, solarize_p=0.4, color="tf"),
+    "tf_add": C.ViewAug(20, jitter=(0.8,) * 3 + (0.2,), gray_p=0.4, blur_p=0.5, color="tf", brightness="add"),
+}
+
+
+@pytest.mark.parametrize("name", list(SUBSET_VIEWS))
+def test_subset_ops_equal_the_masked_ops_image_for_image(name, monkeypatch):
+    """On the CPU every colour op runs on the images it applies to only (gather, apply, scatter back); on CUDA the
+    masked form (every image, result kept by torch.where). Same draws -> bitwise the same images, with and without
+    the crop, and the caller's batch is left as it was."""
+    view = SUBSET_VIEWS[name]
+    x = (torch.rand(24, 3, 26, 30, generator=torch.Generator().manual_seed(2)) * 255).round().to(torch.uint8)
+    for crop in (True, False):
+        subset = C.augment(x, view, torch.Generator().manual_seed(7), crop=crop)
+        with monkeypatch.context() as m:
+            m.setattr(C, "_by_subset", lambda x: False)
+            masked = C.augment(x, view, torch.Generator().manual_seed(7), crop=crop)
+        assert torch.equal(subset, masked), (subset - masked).abs().amax()
+    y = torch.rand(8, 3, 20, 20, generator=torch.Generator().manual_seed(3))
+    before = y.clone()
+    C.apply_view(y, view, C.sample_view(8, 20, 20, view, torch.Generator().manual_seed(1), crop=False))
+    assert torch.equal(y, before), "apply_view wrote into its input"
+
+
+def test_each_colour_op_sees_only_the_images_it_applies_to(monkeypatch):
+    """On the CPU the hue rotation runs once per jittered image (at that image's hue position), the blur once per
+    blurred image, grayscale once per greyed image: the work of skipped images is not done. On CUDA the masked
+    form is chosen (a data-dependent subset would cost a host sync)."""
+
+    class Cuda:
+        device = torch.device("cuda")
+
+    assert C._by_subset(torch.zeros(1)) and not C._by_subset(Cuda())
+    seen = {"hue": 0, "blur": 0, "gray": 0}
+    for name, fn in (("hue", "adjust_hue"), ("blur", "gaussian_blur"), ("gray", "grayscale")):
+        original = getattr(C, fn)
+
+        def counting(x, *args, name=name, original=original):
+            seen[name] += len(x)
+            return original(x, *args)
+
+        monkeypatch.setattr(C, fn, counting)
+    view = C.ViewAug(20, jitter_p=0.8, gray_p=0.3, blur_p=0.5)
+    x = (torch.rand(32, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    p = C.sample_view(32, 20, 20, view, torch.Generator().manual_seed(4), crop=False)
+    C.augment(x, view, torch.Generator().manual_seed(4), crop=False)
+    jittered = int((p["jitter"][1][:, 0] >= 0).sum())
+    gray_calls = jittered * 2  # contrast and saturation each take the luma of the images they adjust
+    assert seen == {"hue": jittered, "blur": int((p["blur"] > 0).sum()), "gray": gray_calls + int(p["gray"].sum())}
+    assert 0 < jittered < 32 and 0 < seen["blur"] < 32
