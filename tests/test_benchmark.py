@@ -1,0 +1,57 @@
+"""benchmark.py runs on the CPU at a tiny size and reports every figure with a plausible value (so it cannot rot
+unnoticed): an image folder through DataLoader workers, with the torchvision + PIL comparison."""
+
+import json
+import math
+
+from conftest import run_script
+
+
+def test_benchmark_reports_every_figure(image_folder, tmp_path):
+    folder, out = image_folder(n_train=32, side=40), tmp_path / "bench.json"
+    r = run_script(
+        "benchmark.py simsiam.py --arch tiny --image-size 32 --batch-size 8 --workers 1 --steps 2 --warmup 1",
+        "--torchvision --device cpu --data",
+        folder,
+        "--json",
+        out,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(out.read_text())
+    assert {k: f[k] for k in ("method", "image_size", "batch_per_process", "views", "device", "workers")} == {
+        "method": "simsiam",
+        "image_size": 32,
+        "batch_per_process": 8,
+        "views": 2,
+        "device": "cpu",
+        "workers": 1,
+    }
+    rates = [
+        "workers_images_per_s",
+        "device_images_per_s",
+        "loader_images_per_s",
+        "torchvision_images_per_s",
+        "step_images_per_s",
+        "run_images_per_s",
+        "torchvision_run_images_per_s",
+        "backbone_images_per_s",
+    ]
+    for key in rates:
+        assert math.isfinite(f[key]) and 0.5 < f[key] < 1e6, (key, f[key])
+    # the bare backbone is part of the step (which adds heads, loss and optimizer); the run adds the loading
+    assert f["step_share_of_backbone"] == f["step_images_per_s"] / f["backbone_images_per_s"]
+    assert 0 < f["step_share_of_backbone"] < 2 and 0 < f["run_share_of_backbone"] < 2
+    assert f["run_images_per_s"] < 2 * f["step_images_per_s"]
+    for key in ("step", "run", "torchvision_run", "backbone"):
+        assert 50 < f[f"{key}_peak_memory_mb"] < 64 * 1024, key  # process peak RSS on the CPU, in MiB
+    assert f["memory"] == "process peak RSS" and f["threads"] >= 1
+    for line in ("workers: decode + crop", "torchvision + PIL", "bare backbone", "step's share of the bare backbone"):
+        assert line in r.stdout, line
+
+
+def test_benchmark_refuses_more_steps_than_the_data_holds(image_folder):
+    r = run_script(
+        "benchmark.py simsiam.py --arch tiny --image-size 32 --batch-size 8 --steps 9 --data", image_folder()
+    )
+    assert r.returncode == 2 and "error: --warmup 2 + --steps 9 batches exceed the 2 batches" in r.stderr, r.stderr
