@@ -45,6 +45,13 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--steps", type=C.positive_int, default=10, help="timed steps (batches) per measurement")
 parser.add_argument("--warmup", type=C.nonnegative_int, default=2, help="untimed steps before each measurement")
 parser.add_argument("--torchvision", action="store_true", help="also time torchvision + PIL transforms in workers")
+parser.add_argument(
+    "--colour",
+    default="auto",
+    choices=["auto", "masked", "subset"],
+    help="colour ops: auto (subset on the CPU, masked on CUDA), or one form on any device, to compare them",
+)
+parser.add_argument("--pipeline-only", action="store_true", help="time the data pipeline only, no model")
 parser.add_argument("--json", default=None, help="write the figures to this file as one JSON object")
 
 
@@ -74,6 +81,10 @@ def timed(batches, n, warmup, device):
         next(it)
     sync(device)
     return (time.perf_counter() - t) / n
+
+
+class PipelineDone(Exception):
+    """--pipeline-only: the pipeline is timed; the method's main() stops before it builds the model."""
 
 
 class PILBlur:
@@ -192,6 +203,8 @@ def bench():
                     persistent_workers=workers > 0,
                 )
                 figures["torchvision_images_per_s"] = per / timed(self.tv, n, warmup, torch.device("cpu"))
+            if args.pipeline_only:
+                raise PipelineDone
 
         def _keep(self, into, batches=None):
             for batch in self.loader if batches is None else batches:
@@ -227,6 +240,8 @@ def bench():
             yield self.ready[0]  # one more step, so that the last timed step's end was seen (--max-steps total + 1)
 
     module.make_backbone, module.TrainLoader = recording_make_backbone, BenchLoader
+    if args.colour != "auto":
+        C._by_subset = lambda x: args.colour == "subset"
     with tempfile.TemporaryDirectory() as out:
         flags = ["--data", args.data, "--data-dir", args.data_dir, "--workers", args.workers, "--device", args.device]
         for name in ("arch", "image_size", "batch_size"):
@@ -235,7 +250,16 @@ def bench():
         flags += ["--dtype", args.dtype, "--eval-every", -1, "--log-every", 10**9, "--output-dir", Path(out) / "run"]
         flags += ["--max-steps", (warmup + n) * (3 if args.torchvision else 2) + 1] + ["--compile"] * args.compile
         sys.argv = [args.method, *map(str, flags), *method_flags]
-        module.main()
+        try:
+            module.main()
+        except PipelineDone:
+            pass
+    figures["threads"], figures["colour"] = torch.get_num_threads(), args.colour
+    if args.pipeline_only:
+        report(figures)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+        return
 
     # The bare backbone, forward + backward on the same views (no heads, no loss, no optimizer): the ceiling.
     env, views_list = state["env"], state["ready"]
@@ -259,7 +283,6 @@ def bench():
     figures["step_share_of_backbone"] = figures["step_images_per_s"] / figures["backbone_images_per_s"]
     figures["run_share_of_backbone"] = figures["run_images_per_s"] / figures["backbone_images_per_s"]
     figures["memory"] = "CUDA peak allocated" if env.device.type == "cuda" else "process peak RSS"
-    figures["threads"] = torch.get_num_threads()
     report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
@@ -268,27 +291,28 @@ def bench():
 def report(f):
     print(
         f"{f['method']} on {f['data']}, {f['image_size']} px, batch {f['batch_per_process']} per process x "
-        f"{f['views']} views, {f['device']} ({f['threads']} threads), {f['workers']} workers; images/s:"
+        f"{f['views']} views, {f['device']} ({f['threads']} threads), {f['workers']} workers, colour ops "
+        f"{f['colour']}; images/s:"
     )
     rows = [
-        ("workers: decode + crop to uint8", f["workers_images_per_s"]),
-        ("device: colour + normalise (+ crop for data on the device)", f["device_images_per_s"]),
-        ("loader: workers + device, as the loop receives batches", f["loader_images_per_s"]),
-        ("torchvision + PIL transforms in workers", f.get("torchvision_images_per_s")),
-        ("training step on ready views", f["step_images_per_s"]),
-        ("bare backbone forward + backward on the same views", f["backbone_images_per_s"]),
-        ("run: the training loop fed by the loader", f["run_images_per_s"]),
-        ("run fed by torchvision + PIL transforms", f.get("torchvision_run_images_per_s")),
+        ("workers: decode + crop to uint8", "workers_images_per_s"),
+        ("device: colour + normalise (+ crop for data on the device)", "device_images_per_s"),
+        ("loader: workers + device, as the loop receives batches", "loader_images_per_s"),
+        ("torchvision + PIL transforms in workers", "torchvision_images_per_s"),
+        ("training step on ready views", "step_images_per_s"),
+        ("bare backbone forward + backward on the same views", "backbone_images_per_s"),
+        ("run: the training loop fed by the loader", "run_images_per_s"),
+        ("run fed by torchvision + PIL transforms", "torchvision_run_images_per_s"),
     ]
-    for name, value in rows:
-        if value is None and ("torchvision" in name):
-            continue
-        print(f"  {name:60s} {'-' if value is None else f'{value:9.1f}'}")
-    print(
-        f"  step's share of the bare backbone {f['step_share_of_backbone']:.2f}, the run's "
-        f"{f['run_share_of_backbone']:.2f}; peak memory ({f['memory']}): step {f['step_peak_memory_mb']:.0f} MiB, "
-        f"bare backbone {f['backbone_peak_memory_mb']:.0f} MiB"
-    )
+    for name, key in rows:
+        if key in f:
+            print(f"  {name:60s} {'-' if f[key] is None else f'{f[key]:9.1f}'}")
+    if "step_share_of_backbone" in f:
+        print(
+            f"  step's share of the bare backbone {f['step_share_of_backbone']:.2f}, the run's "
+            f"{f['run_share_of_backbone']:.2f}; peak memory ({f['memory']}): step {f['step_peak_memory_mb']:.0f} "
+            f"MiB, bare backbone {f['backbone_peak_memory_mb']:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

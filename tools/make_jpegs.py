@@ -1,0 +1,27 @@
+"""Write N ImageNet-like JPEGs (sides 400-640 px, smooth colour fields with noise, quality 90) into DIR/train/
+<class>/, for benchmark.py's image-folder measurements without a data set on the machine.
+
+    python tools/make_jpegs.py /tmp/jpegs 1024
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def main():
+    root, n = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(400, 641, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8))
+        a = np.asarray(coarse.resize((w, h), Image.BILINEAR), dtype=np.int16) + rng.integers(-20, 21, (h, w, 3))
+        folder = root / "train" / f"class{i % 8}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+
+
+if __name__ == "__main__":
+    main()
