@@ -17,7 +17,7 @@ common="--device cuda --steps 10 --warmup 3"
 run() {  # name, flags...
     name=$1; shift
     echo "== $name: $*"
-    timeout 240 python benchmark.py "$@" $common --json "$out/$name.json" 2>&1 | grep -v '^{' | tail -12
+    timeout 240 python benchmark.py $common "$@" --json "$out/$name.json" 2>&1 | grep -v '^{' | tail -12
 }
 run simsiam-r18 simsiam.py --arch resnet18 --image-size 32 --batch-size 512
 run byol-r18 byol.py --arch resnet18 --image-size 32 --batch-size 512
