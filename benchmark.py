@@ -155,6 +155,7 @@ def bench():
         def __init__(self, data, views, batch_size, env, seed, workers=8):
             super().__init__(data, views, batch_size, env, seed, workers)
             dev, per, mine = env.device, self.per_rank, self.indices(0)
+            self.limit = warmup + n  # every pass takes exactly this many batches: no worker left prefetching
             total = (warmup + n) * (3 if args.torchvision else 2)
             self.length = total + 2  # one "epoch" longer than the run: no epoch-end work inside the timing
             if warmup + n > len(mine):
@@ -196,7 +197,7 @@ def bench():
                 self.tv = torch.utils.data.DataLoader(
                     _TorchvisionViews(data.train, transforms),
                     batch_size=per,
-                    shuffle=True,
+                    sampler=torch.utils.data.SubsetRandomSampler(torch.randperm(len(data.train))[: per * (warmup + n)]),
                     num_workers=workers,
                     pin_memory=dev.type == "cuda",
                     drop_last=True,
@@ -216,6 +217,9 @@ def bench():
 
         def __len__(self):
             return self.length
+
+        def indices(self, epoch):
+            return super().indices(epoch)[: getattr(self, "limit", None)]
 
         def epoch(self, epoch, start=0):
             dev = self.env.device
