@@ -4,16 +4,16 @@ collected into a table and a figure. It tests two readings of tau on trained net
 moderate tau" against Wang & Liu 2021 (arXiv:2012.09740): uniformity keeps improving as tau falls while accuracy
 peaks at a moderate tau (the uniformity-tolerance dilemma). README.md, "The temperature study", has the results.
 
-    python tools/temperature_study.py                                  # SimCLR, 5 taus x 2 seeds, built-in data
+    python tools/temperature_study.py                    # SimCLR, 5 taus x 2 seeds, built-in data, 60 steps each
     python tools/temperature_study.py --methods simclr moco-v2 --seeds 0 1 2 --out runs/temperature
     python tools/temperature_study.py -- --data cifar10 --epochs 100   # after --: flags given to every run
 
 Runs go one at a time into <out>/<method>-tau<tau>-seed<seed>/ (ordinary run folders). A finished run (its
 metrics.jsonl ends with the final row) is skipped, an interrupted one continues (--resume auto), so the script can
 be stopped and started again. Writes <out>/temperature.csv (one row per run: the final row of its
-metrics.jsonl), <out>/temperature.md (mean +- std over seeds) and <out>/temperature.png. The figure needs
-matplotlib, an optional dependency of this script only (pip install matplotlib); without it the tables are
-still written.
+metrics.jsonl), <out>/temperature.md (mean +- std over seeds) and <out>/temperature.png; --collect writes them
+from the runs finished so far, training nothing. The figure needs matplotlib, an optional dependency of this
+script only (pip install matplotlib); without it the tables are still written.
 """
 
 import argparse
@@ -27,7 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"simclr": ("simclr.py", "--version v1"), "moco-v2": ("moco.py", "--version v2")}
-DEFAULT_FLAGS = ["--epochs", "3", "--eval-every", "0"]
+# The committed study's CPU budget: 60 steps at batch 64 (lr at its peak, no warmup), one evaluation at the end.
+DEFAULT_FLAGS = "--batch-size 64 --epochs 1 --warmup-epochs 0 --max-steps 60 --eval-every 0 --log-every 20".split()
 COLUMNS = [
     ("eval/knn_top1", "kNN top-1"),
     ("eval/linear_top1", "linear top-1"),
@@ -43,6 +44,7 @@ parser.add_argument("--methods", nargs="+", default=["simclr"], choices=list(MET
 parser.add_argument("--taus", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.5, 1.0])
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
 parser.add_argument("--out", default="runs/temperature", help="folder of the runs, the tables and the figure")
+parser.add_argument("--collect", action="store_true", help="train nothing: tables and figure of the finished runs")
 
 
 def final_row(run_dir):
@@ -57,7 +59,7 @@ def final_row(run_dir):
 def train(method, tau, seed, flags, out):
     """One run (or what is left of it); returns its folder."""
     script, method_flags = METHODS[method]
-    run_dir = Path(out) / f"{method}-tau{tau:g}-seed{seed}"
+    run_dir = out / f"{method}-tau{tau:g}-seed{seed}"
     if final_row(run_dir) is not None:
         print(f"{run_dir}: finished, skipped", flush=True)
         return run_dir
@@ -157,7 +159,11 @@ def main():
     for method in args.methods:
         for tau in args.taus:
             for seed in args.seeds:
-                final = final_row(train(method, tau, seed, flags, out))
+                run_dir = out / f"{method}-tau{tau:g}-seed{seed}"
+                final = final_row(run_dir if args.collect else train(method, tau, seed, flags, out))
+                if final is None:
+                    print(f"{run_dir}: not finished, left out")
+                    continue
                 rows.append({"method": method, "tau": tau, "seed": seed, **final})
     write_tables(rows, out)
     print((out / "temperature.md").read_text())
