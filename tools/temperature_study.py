@@ -118,7 +118,8 @@ def plot(rows, out):
         print("matplotlib is not installed, so no figure (pip install matplotlib); the tables are written")
         return
     panels = [("eval/knn_top1", "kNN top-1 (%)"), ("eval/alignment", "alignment (lower: views agree)")]
-    panels += [("eval/uniformity", "uniformity (lower: more uniform)"), ("eval/hardest_negative_share", "")]
+    panels += [("eval/uniformity", "uniformity (lower: more uniform)")]
+    panels += [("eval/hardest_negative_share", "hardest negative's share (log scale)")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     stats = summary(rows)
     for ax, (key, label) in zip(axes, panels):
@@ -135,7 +136,7 @@ def plot(rows, out):
             )
         ax.set_xscale("log")
         ax.set_xlabel("temperature tau")
-        ax.set_title(label or "hardest negative's share of the negatives' softmax")
+        ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[-1].set_yscale("log")
     axes[0].legend()
