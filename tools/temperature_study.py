@@ -103,7 +103,7 @@ def write_tables(rows, out):
         for key, _ in COLUMNS:
             pct = "top1" in key  # accuracies in %, the rest as they are
             m, sd = s[key], s[key + " std"]
-            cells.append("-" if m is None else f"{m * 100:.1f} ± {sd * 100:.1f}" if pct else f"{m:.3f} ± {sd:.3f}")
+            cells.append("-" if m is None else f"{m * 100:.1f} ± {sd * 100:.1f}" if pct else f"{m:.4g} ± {sd:.2g}")
         lines.append(f"| {s['method']} | {s['tau']:g} | {s['seeds']} | " + " | ".join(cells) + " |")
     (out / "temperature.md").write_text("\n".join(lines) + "\n")
 
@@ -140,8 +140,9 @@ def plot(rows, out):
         ax.grid(alpha=0.3)
     axes[-1].set_yscale("log")
     axes[0].legend()
-    seeds = sorted({r["seed"] for r in rows})
-    fig.suptitle(f"mean ± std over seeds {seeds}", fontsize=9)
+    methods = sorted({r["method"] for r in rows})
+    seeds = [f"{m} {sorted({r['seed'] for r in rows if r['method'] == m})}" for m in methods]
+    fig.suptitle(f"mean ± std over seeds: {', '.join(seeds)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "temperature.png", dpi=80)
     print(f"wrote {out / 'temperature.png'}")
