@@ -8,7 +8,8 @@ recipe, heads, loss, EMA, queue, ...) stays in its own file. Sections, in order:
     augment     per-sample random crop/flip/colour/blur/solarize as batched tensor ops on the device
     loaders     TrainLoader (augmented views per step, exact mid-epoch resume) and feature extraction
     backbones   torchvision ResNets (optional CIFAR stem), a ViT written with einops, a tiny CPU test net
-    evaluation  weighted kNN (InstDisc), linear probe on frozen features, collapse diagnostic
+    evaluation  weighted kNN (InstDisc), linear probe on frozen features, collapse diagnostic, alignment and
+                uniformity (Wang & Isola), the hardest negative's share of the softmax
     plumbing    torchrun setup, schedules, LARS, checkpoints, metrics and the progress line
 
 Evaluate any exported backbone, or a baseline (kNN + linear probe):
@@ -1152,6 +1153,103 @@ def collapse_std(z):
     """SimSiam Sec. 4.1 / Fig. 2: std over the batch of the L2-normalised outputs, averaged over dimensions.
     About 1/sqrt(d) for a well-spread output, 0 for a collapsed one (every image mapped to one vector)."""
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+def alignment(z1, z2):
+    """Wang & Isola 2020 (arXiv:2005.10242), Sec. 4.1, with alpha = 2: L_align = E ||z1 - z2||^2 over positive pairs
+    (the two views of an image), z on the unit sphere. 0 when the views agree, 4 at most."""
+    return (z1 - z2).pow(2).sum(1).mean()
+
+
+def uniformity(z):
+    """Wang & Isola 2020, Sec. 4.1, with t = 2: L_uniform = log E exp(-2 ||z_i - z_j||^2) over distinct pairs
+    i != j (torch.pdist's pairs in SsnL/align_uniform:align_uniform/__init__.py); on the sphere ||a - b||^2 =
+    2 - 2 a.b. 0 when every z is the same point (collapse), lower is more uniform."""
+    sq = (2 - 2 * z @ z.T).clamp(min=0)  # (n, n) squared distances
+    off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-2 * sq[off], 0) - math.log(len(z) * (len(z) - 1))
+
+
+@torch.no_grad()
+def alignment_uniformity(embed, data, views, env, autocast=nullcontext, n=4096, seed=0, batch_size=256, workers=8):
+    """eval/alignment and eval/uniformity (Wang & Isola, ICML 2020, arXiv:2005.10242, Sec. 4.1; `alignment`,
+    `uniformity` above) of `embed`, a module mapping a normalised view batch (B, 3, H, W) to the output the loss
+    sees (B, d), L2-normalised here; run in eval mode (BN with running statistics), each module's mode restored.
+        alignment  = E_i ||z1_i - z2_i||^2                          over the n positive pairs
+        uniformity = (U(z1) + U(z2)) / 2,  U(z) = log E_{i != j} exp(-2 ||z_i - z_j||^2)   within each view
+    Uniformity is taken within each view and averaged over the two, as the authors' loss averages
+    uniform_loss(x) and uniform_loss(y) (SsnL/align_uniform README).
+    The images: a fixed set of at most `n` test images (training images where there is no test split), drawn
+    from `seed` alone, so the set and both views are the same at every evaluation and in every run; each gets
+    one view from views[0] and one from views[1] (the method's training recipe; its first two, global, views
+    where it has more). Chunks of `batch_size` images are augmented with their own generators seeded by
+    (seed, chunk), so neither the training RNG (the global one, the loader's) nor the process count changes
+    anything: chunk c runs on rank c mod W and an all_reduce assembles every z on every rank."""
+    split = data.test if data.test is not None and len(data.test) else data.train
+    idx = torch.arange(len(split))
+    if len(split) > n:
+        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    chunks = list(idx.split(batch_size))
+    mine = list(range(env.rank, len(chunks), env.world_size))
+    if split.images is not None:
+        crops = (split.images[chunks[c].to(env.device)] for c in mine)  # uint8, cropped in `augment`
+    else:  # folders: decoded and cropped in workers, one seed per image; the batches are this rank's chunks
+        items = [(int(i), seed * 10_000_019 + int(i)) for c in mine for i in chunks[c]]
+        crops = torch.utils.data.DataLoader(
+            _FolderViews(split.files, views[:2]),
+            batch_size=batch_size,
+            sampler=items,
+            num_workers=workers,
+            generator=torch.Generator(),  # the iterator's base seed: not from the global RNG
+        )
+    modes = [m.training for m in embed.modules()]
+    embed.eval()
+    out = []
+    for c, x in zip(mine, crops):
+        g = torch.Generator(env.device).manual_seed(seed * 1_000_003 + c)
+        if split.images is None:
+            (x1, x2), errors = x
+            _check_decoded(errors)
+            x1, x2 = (augment(v.to(env.device), view, g, crop=False) for v, view in zip((x1, x2), views))
+        else:
+            x1, x2 = augment(x, views[0], g), augment(x, views[1], g)
+        with autocast():
+            z = embed(normalize(torch.cat([x1, x2]), data)).float()
+        out.append((c, F.normalize(z, dim=1).view(2, len(x1), -1)))
+    for m, mode in zip(embed.modules(), modes):
+        m.training = mode
+    dim = torch.tensor(out[0][1].shape[-1] if out else 0, device=env.device)
+    if env.world_size > 1:  # a rank without a chunk learns the width from the others
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    z = torch.zeros(2, len(idx), int(dim), device=env.device)
+    for c, zc in out:
+        z[:, c * batch_size : c * batch_size + zc.shape[1]] = zc
+    if env.world_size > 1:
+        dist.all_reduce(z)  # each row is filled on one rank and 0 on the others: the sum is exact
+    return {
+        "eval/alignment": alignment(z[0], z[1]).item(),
+        "eval/uniformity": ((uniformity(z[0]) + uniformity(z[1])) / 2).item(),
+    }
+
+
+def hardest_negative_share(logits, positive):
+    """The hardest negative's share of the negatives' softmax mass, max_k p_k / sum_{k neg} p_k with p =
+    softmax(logits), averaged over the rows; `positive` (B,) is each row's positive column. It is the largest
+    weight of the softmax over the negatives alone, which is also each negative's share of the gradient on the
+    anchor (tests/test_temperature.py): 1 / #negatives when every negative weighs the same, 1 when one takes all.
+    A detached device scalar: no host sync in the step."""
+    neg = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
+    neg = neg.scatter(1, positive[:, None], float("-inf"))
+    return F.softmax(neg, dim=1).amax(1).mean()
+
+
+def epoch_mean(values, env):
+    """The mean of per-step device scalars (equal-sized batches) over the epoch and over the ranks, as a float."""
+    v = torch.stack(values).mean()
+    if env.world_size > 1:
+        dist.all_reduce(v)
+        v = v / env.world_size
+    return v.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,14 +49,17 @@ from common import (
     TrainLoader,
     UserError,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
     collapse_std,
     cosine_lr,
+    epoch_mean,
     evaluate,
     finished,
     gather,
+    hardest_negative_share,
     in_range,
     int_at_least,
     load_checkpoint,
@@ -398,28 +401,36 @@ def step_lr(step, total, base, milestones=(0.6, 0.8)):
 
 
 # ---- LOSS --------------------------------------------------------------------------------------------------
-def queue_loss(q, k, queue, temperature):
-    """Eq. 1 with the queue (builder.py forward): logits [q . k+, q . queue] / tau, the positive at index 0."""
+def queue_loss(q, k, queue, temperature, shares=None):
+    """Eq. 1 with the queue (builder.py forward): logits [q . k+, q . queue] / tau, the positive at index 0.
+    `shares`: a list that gets the hardest_negative_share of the logits (no gradient, stays on the device)."""
     q = F.normalize(q, dim=1)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    if shares is not None:
+        shares.append(hardest_negative_share(logits, labels))
+    return F.cross_entropy(logits, labels)
 
 
-def batch_loss(q, k, temperature):
+def batch_loss(q, k, temperature, shares=None):
     """v3 Alg. 1 ctr(q, k) (builder.py contrastive_loss): logits q . K / tau against the keys K of the whole
     global batch (gathered, no gradient), the positive of local query i at i + N * rank; scaled by 2 tau."""
     q, big_k = F.normalize(q, dim=1), gather(F.normalize(k, dim=1))
     rank = process_rank()
     labels = torch.arange(len(q), device=q.device) + rank * len(q)
-    return F.cross_entropy(q @ big_k.T / temperature, labels) * 2 * temperature
+    logits = q @ big_k.T / temperature
+    if shares is not None:  # the other images' keys are the negatives
+        shares.append(hardest_negative_share(logits, labels))
+    return F.cross_entropy(logits, labels) * 2 * temperature
 
 
-def moco_loss(q1, q2, k1, k2, queue, temperature):
-    """v1/v2: L(q1, k2), or with --symmetric (the demo) L(q1, k2) + L(q2, k1); v3: ctr(q1, k2) + ctr(q2, k1)."""
+def moco_loss(q1, q2, k1, k2, queue, temperature, shares=None):
+    """v1/v2: L(q1, k2), or with --symmetric (the demo) L(q1, k2) + L(q2, k1); v3: ctr(q1, k2) + ctr(q2, k1).
+    `shares`: a list that gets each term's hardest_negative_share."""
     if queue is None:
-        return batch_loss(q1, k2, temperature) + batch_loss(q2, k1, temperature)
-    loss = queue_loss(q1, k2, queue, temperature)
-    return loss + queue_loss(q2, k1, queue, temperature) if q2 is not None else loss
+        return batch_loss(q1, k2, temperature, shares) + batch_loss(q2, k1, temperature, shares)
+    loss = queue_loss(q1, k2, queue, temperature, shares)
+    return loss + queue_loss(q2, k1, queue, temperature, shares) if q2 is not None else loss
 
 
 def main():
@@ -452,6 +463,7 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda" and args.version == "v3":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # v3 uses SyncBN; v1/v2 Shuffling BN instead
     model = model.to(env.device, memory_format=torch.channels_last)
+    embed = nn.Sequential(model.backbone, model.projector)  # z, the output the loss sees (alignment, uniformity)
     optimizer = make_optimizer(model, args)  # v1/v2: SGD; v3: LARS (ResNet) or AdamW (ViT)
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -505,9 +517,9 @@ def main():
     )
     if env.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=1))
-    stds = []  # collapse diagnostic of each step of the epoch
+    stds, shares = [], []  # collapse diagnostic and hardest negative's share of each step of the epoch
     while step < last_step:
-        epoch, stds = step // steps_per_epoch, []
+        epoch, stds, shares = step // steps_per_epoch, [], []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
             lr_now = learning_rate(step, steps_per_epoch, args)  # v1: steps; v2: cosine; v3: warmup + cosine
             for group in optimizer.param_groups:
@@ -517,7 +529,7 @@ def main():
                 q1, q2, k1, k2 = train_model(x1, x2)
             # Eq. 1 (InfoNCE), in float32 whatever the autocast dtype.
             f32 = lambda t: None if t is None else t.float()  # noqa: E731
-            loss = moco_loss(f32(q1), f32(q2), f32(k1), f32(k2), model.queue, args.temperature)
+            loss = moco_loss(f32(q1), f32(q2), f32(k1), f32(k2), model.queue, args.temperature, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -537,8 +549,10 @@ def main():
         if step % steps_per_epoch == 0 and step < last_step:  # a full epoch: diagnostics and a checkpoint
             check_finite(model, optimizer, env, step, out)  # before a diverged network is evaluated
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
+            row["eval/hardest_negative_share"] = epoch_mean(shares, env)  # over the epoch's anchors, all ranks
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
@@ -549,8 +563,10 @@ def main():
     row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
+        row["eval/hardest_negative_share"] = epoch_mean(shares, env)
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 

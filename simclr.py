@@ -40,14 +40,17 @@ from common import (
     StopSignal,
     TrainLoader,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
     collapse_std,
     cosine_lr,
+    epoch_mean,
     evaluate,
     finished,
     gather,
+    hardest_negative_share,
     int_at_least,
     load_checkpoint,
     load_data,
@@ -209,12 +212,13 @@ def learning_rate(step, steps_per_epoch, args):
 
 
 # ---- LOSS --------------------------------------------------------------------------------------------------
-def simclr_loss(z1, z2, temperature):
+def simclr_loss(z1, z2, temperature, shares=None):
     """NT-Xent (Eq. 1) as objective.py computes it. With z normalised and the global batch Z1, Z2 gathered from
     every process (with gradient), view-1 anchors score [z1 . Z2, z1 . Z1 - 1e9 * self] / tau, whose positive is
     the partner in Z2 (index: local index + rank * N), and view-2 anchors symmetrically; the loss is the sum of
     the two cross-entropies, each a mean over the local anchors (objective.py: loss_a + loss_b, i.e. 2x the
-    paper's mean over 2N anchors). With DDP averaging gradients this is the one-process global-batch gradient."""
+    paper's mean over 2N anchors). With DDP averaging gradients this is the one-process global-batch gradient.
+    `shares`: a list that gets each cross-entropy's hardest_negative_share (no gradient, stays on the device)."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     big1, big2 = gather(z1, grad=True), gather(z2, grad=True)  # (W*N, dim): every process's views
     n = len(z1)
@@ -223,8 +227,10 @@ def simclr_loss(z1, z2, temperature):
     self_mask = F.one_hot(labels, len(big1)) * 1e9  # LARGE_NUM: a view is not its own negative
     logits_ab, logits_aa = z1 @ big2.T / temperature, z1 @ big1.T / temperature - self_mask
     logits_ba, logits_bb = z2 @ big1.T / temperature, z2 @ big2.T / temperature - self_mask
-    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)
-    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)
+    logits_a, logits_b = torch.cat([logits_ab, logits_aa], 1), torch.cat([logits_ba, logits_bb], 1)
+    if shares is not None:  # the self-logits (-1e9) weigh 0 among the negatives
+        shares += [hardest_negative_share(logits_a, labels), hardest_negative_share(logits_b, labels)]
+    loss_a, loss_b = F.cross_entropy(logits_a, labels), F.cross_entropy(logits_b, labels)
     return loss_a + loss_b
 
 
@@ -247,6 +253,7 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's global BN (Sec. 3)
     model = model.to(env.device, memory_format=torch.channels_last)
+    embed = nn.Sequential(model.backbone, model.projector)  # z, the output the loss sees (alignment, uniformity)
     optimizer = make_optimizer(model, args)  # LARS, lr inside the momentum; no decay or adaptation on BN and bias
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -303,9 +310,9 @@ def main():
     )
     if env.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=1))
-    stds = []  # collapse diagnostic of each step of the epoch
+    stds, shares = [], []  # collapse diagnostic and hardest negative's share of each step of the epoch
     while step < last_step:
-        epoch, stds = step // steps_per_epoch, []
+        epoch, stds, shares = step // steps_per_epoch, [], []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
             lr_now = learning_rate(step, steps_per_epoch, args)  # warmup, then cosine to 0, every step (App. B.1)
             for group in optimizer.param_groups:
@@ -313,7 +320,7 @@ def main():
             with autocast():  # Alg. 1: z = g(f(x)) for both views
                 z1, z2 = train_model(x1, x2)
             # Alg. 1 / Eq. 1: NT-Xent over the global batch, in float32 whatever the autocast dtype.
-            loss = simclr_loss(z1.float(), z2.float(), args.temperature)
+            loss = simclr_loss(z1.float(), z2.float(), args.temperature, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -331,8 +338,10 @@ def main():
         if step % steps_per_epoch == 0 and step < last_step:  # a full epoch: diagnostics and a checkpoint
             check_finite(model, optimizer, env, step, out)  # before a diverged network is evaluated
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
+            row["eval/hardest_negative_share"] = epoch_mean(shares, env)  # over the epoch's anchors, all ranks
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
@@ -343,8 +352,10 @@ def main():
     row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
+        row["eval/hardest_negative_share"] = epoch_mean(shares, env)
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 

@@ -35,6 +35,7 @@ from common import (
     StopSignal,
     TrainLoader,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
@@ -226,6 +227,7 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
+    embed = nn.Sequential(model.backbone, model.projector)  # z, the output the loss sees (alignment, uniformity)
     optimizer = make_optimizer(model, args)  # SGD, weight decay on every parameter, the predictor in its own group
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -309,6 +311,7 @@ def main():
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
@@ -321,6 +324,7 @@ def main():
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 
