@@ -21,8 +21,10 @@ listed in the README.
     python invaspread.py --data /path/to/imagenet       # no official ImageNet recipe: InstDisc's schedule (README)
     torchrun --nproc_per_node=8 invaspread.py --data /path/to/imagenet  # 8 GPUs, --batch-size is the global 256
 
-Result on the built-in shapes, 2-core CPU, tiny backbone: see the README ("InvaSpread on the CPU"). GPU numbers
-are still to be measured.
+Result on the built-in shapes, 2-core CPU, tiny backbone: `python invaspread.py --max-steps 100` (100 of the
+demo's 390 steps) reaches kNN top-1 76.4% (linear probe 89.9%) against 33.0% (54.2%) for the random-init network
+(seed 0; pixels: 22.0%); 60 steps give 51.9 / 55.0 / 45.8% for seeds 0 / 1 / 2. GPU numbers are still to be
+measured.
 """
 
 import argparse

@@ -110,5 +110,6 @@ def test_end_to_end_and_resume_is_exact(tmp_path):
 
 
 def test_it_learns(tmp_path):
-    """100 steps: kNN well above the random-init network of the same seed (seeds 0-2 in the README)."""
-    assert_it_learns("invaspread.py", "--max-steps 100", tmp_path, margin=0.05)
+    """60 steps (seed 0): kNN 51.9% against 33.0% for the random-init network; seeds 1 / 2: 55.0% / 45.8% against
+    28.7% / 25.0%, so a 10-point margin holds for seeds 0-2."""
+    assert_it_learns("invaspread.py", "--max-steps 60", tmp_path, margin=0.10)
