@@ -112,12 +112,12 @@ SMALL = dict(arch="resnet18", epochs=301, batch_size=128, lr=0.03, wd=5e-4, temp
 SMALL |= dict(lr_drops=((120, 0.1), (160, 0.05), (200, 0.01)))
 # Deviation: there is no official ImageNet recipe (README: CIFAR-10, STL-10 and the fine-grained unseen-category
 # sets only). Ours takes InstDisc's ImageNet schedule (lemniscate.pytorch main.py: batch 256, SGD lr 0.03,
-# momentum 0.9, wd 1e-4, 200 epochs, lr x 0.1 at 120 and x 0.01 at 160) with ResNet-50 (the InstDisc paper's
-# and MoCo's comparison network), and keeps InvaSpread's own tau 0.1 and augmentation. kNN as DINO reports it.
+# momentum 0.9, wd 1e-4, 200 epochs, lr x 0.1 at 120 and x 0.01 at 160) with ResNet-50 (InstDisc's released
+# network, lemniscate.pytorch README), and keeps InvaSpread's own tau 0.1 and augmentation. kNN as DINO reports it.
 IMAGENET = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, wd=1e-4, temperature=0.1, knn_k=20, knn_t=0.07)
 IMAGENET |= dict(lr_drops=((120, 0.1), (160, 0.01)))
 # `python invaspread.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
-# Deviation: 10 epochs, batch 256, lr 0.1 (the tiny net barely moves at 0.03 in that budget), lr x 0.1 at
+# Deviation (ours, for a short CPU demo; other values not compared): 10 epochs, batch 256, lr 0.1, x 0.1 at
 # epoch 8.
 BUILTIN = dict(epochs=10, batch_size=256, lr=0.1, lr_drops=((8, 0.1),))
 RECIPES = {"imagenet": IMAGENET, "small": SMALL, "builtin": BUILTIN}
@@ -128,7 +128,8 @@ def view_recipe(size):
     """demo_seen.py transform_train, for both views (datasets/cifar.py applies it twice per image):
     RandomResizedCrop(size, scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4) always applied (no RandomApply),
     then RandomGrayscale(0.2) (jitter first, as lemniscate's cifar.py; its main.py puts grayscale first), then
-    a flip; torchvision's colour semantics, no blur. The same recipe at 224 px for image folders."""
+    a flip; torchvision's colour semantics, no blur. The same recipe at 224 px for image folders. Deviation:
+    colour ops computed on the device in float, not by PIL on uint8."""
     view = ViewAug(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, color="torchvision")
     return [view, view]
 
