@@ -25,8 +25,9 @@ value open is marked "Deviation:" and listed in the README.
     python cpc.py --data /path/to/imagenet              # 64-px patches at stride 32 of 256-px crops (7 x 7)
     torchrun --nproc_per_node=8 cpc.py --data /path/to/imagenet    # 8 GPUs, --batch-size is the global batch
 
-Result on the built-in shapes, 2-core CPU, tiny backbone: see the README's CPC subsection. GPU numbers are still
-to be measured.
+Result on the built-in shapes, CPU, tiny backbone: `python cpc.py --max-steps 100` (100 of the demo's 936 steps)
+reaches kNN top-1 38.8% (linear probe 84.8%) against 27.1% (65.8%) for its random init evaluated the same way
+(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%). GPU numbers are still to be measured.
 """
 
 import argparse
