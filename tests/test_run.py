@@ -16,13 +16,14 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
     "simclr.py": "--dim 32",
     "moco.py": "--dim 32 --hidden-dim 64 --queue-size 256",
     "invaspread.py": "--dim 32",
+    "cpc.py": "--target-dim 8 --context-dim 8",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -52,6 +53,11 @@ FLAG_VALUES = {
     "tau_base": (["-0.1", "1.01"], ["0", "1"]),
     "moco_m": (["-0.1", "1.5"], ["0", "1"]),
     "crop_min": (["0", "1.2"], ["1", "0.01"]),
+    "patch_size": (["0"], ["1"]),
+    "steps_to_ignore": (["-1"], ["0"]),
+    "steps_to_predict": (["0"], ["1"]),
+    "target_dim": (["0"], ["1"]),
+    "context_dim": (["0"], ["1"]),
 }
 
 
@@ -123,13 +129,15 @@ def test_zero_steps_then_a_diverging_resume_keeps_the_last_good_checkpoint(tmp_p
 
 # A weight decay (SGD) or LARS trust coefficient of 1e30 (LARC clipping off) with --lr 1e30: the first update
 # overflows the weights, while the one logged loss (of the initial weights) is finite, so only the checks before
-# the epoch's evaluation and in save() can stop the run.
+# the epoch's evaluation and in save() can stop the run. Adam (cpc.py) moves a weight by about lr whatever the
+# gradient, so there an L2 term of 1e30 does it: its second moment overflows and the update is nan.
 OVERFLOW = {
     "simsiam.py": "--wd 1e30",
     "byol.py": "--lars-eta 1e30 --no-lars-clip",
     "simclr.py": "--lars-eta 1e30 --no-lars-clip",
     "moco.py": "--wd 1e30",
     "invaspread.py": "--wd 1e30",
+    "cpc.py": "--wd 1e30",
 }
 
 
