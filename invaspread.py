@@ -6,9 +6,14 @@ encoder f (backbone, fc -> 128, L2) as a batch of 2B; each feature f_i must reco
 and be rejected by every other instance. With the other side held constant (sg, BatchAverage.py `.data`):
     P(j|i) = exp(f_i . sg f_j / tau) / sum_{k != i} exp(f_i . sg f_k / tau)
     L = -1/(2B) sum_i [ log P(pos(i)|i) + sum_{j not in {i, pos(i)}} log(1 - P(j|i)) ]
+This is BatchAverage.py's symmetric 2B form: both views are augmented and every one of the 2B features is an
+anchor. It generalises the paper's loss, written for B original images x_i and one augmented copy x^_i of each
+(Fig. 2): -sum_i log P(i|x^_i) - sum_i sum_{j != i} log(1 - P(i|x_j)), candidates the B original features.
 The positive is pulled in (invariance) and each negative's probability pushed to 0 (spreading), no memory bank.
 Under torchrun the negatives come from the global batch: the features are gathered from every process WITHOUT
-gradient (they are the sg side), so loss and gradients equal one process on the global batch.
+gradient (they are the sg side), so the loss and its gradients equal one process on the global batch when BN
+sees the global batch too: on GPUs (SyncBatchNorm). On CPUs (gloo has no SyncBatchNorm) BN normalises each
+process's share, so the features, hence loss and gradients, differ from one process's.
 Closest sibling: `diff invaspread.py simclr.py` (SimCLR: an MLP projection head, and NT-Xent, a cross-entropy
 whose other side also carries gradient); `diff instdisc.py invaspread.py` (InstDisc: a memory bank of one vector
 per image in place of the batch's second view). Follows mangye16/Unsupervised_Embedding_Learning (demo_seen.py,
@@ -42,14 +47,19 @@ from common import (
     StopSignal,
     TrainLoader,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
     collapse_std,
+    epoch_mean,
     evaluate,
+    extract_features,
     finished,
     gather,
+    hardest_negative_share,
     int_at_least,
+    knn_top1,
     load_checkpoint,
     load_data,
     nonnegative_float,
@@ -174,14 +184,15 @@ def learning_rate(step, steps_per_epoch, args):
 
 
 # ---- LOSS --------------------------------------------------------------------------------------------------
-def invaspread_loss(z1, z2, temperature):
+def invaspread_loss(z1, z2, temperature, shares=None):
     """BatchAverage.py BatchCriterion (negM 1) on the global batch. The anchors are this process's 2N features
     [z1; z2]; the other side is every process's features, gathered WITHOUT gradient (BatchAverage.py multiplies
     by `x.data`), in the order one process would hold them, [Z1; Z2] (2WN rows). Anchor i's positive is its other
     view (i +- WN); P(j|i) is a softmax over every j != i (the positive included); the loss is
     -[log P(pos|i) + sum over the other 2WN - 2 rows of log(1 - P(j|i))], averaged over the anchors
     (BatchAverage.py divides by x.size(0) = 2B). With DDP averaging gradients over processes, the mean over the
-    local anchors gives exactly the one-process gradient on the global batch."""
+    local anchors gives exactly the one-process gradient on the global batch. `shares`: a list that gets the
+    hardest_negative_share of P(.|i) over the anchors (no gradient, stays on the device)."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     big1, big2 = gather(z1), gather(z2)  # (W*N, dim): every process's views, constants (sg)
     n, big_n = len(z1), len(big1)
@@ -189,11 +200,27 @@ def invaspread_loss(z1, z2, temperature):
     anchors, keys = torch.cat([z1, z2]), torch.cat([big1, big2])  # (2N, dim), (2WN, dim)
     labels = torch.cat([idx + big_n, idx])  # each anchor's other view: i +- WN
     self_mask = F.one_hot(torch.cat([idx, idx + big_n]), 2 * big_n) * 1e9  # the denominator leaves out only i
-    log_p = F.log_softmax(anchors @ keys.T / temperature - self_mask, dim=1)  # (2N, 2WN): log P(j|i)
+    logits = anchors @ keys.T / temperature - self_mask
+    if shares is not None:  # max_j P(j|i) / sum_j P(j|i) over the negatives: the self-logit (-1e9) weighs 0
+        shares.append(hardest_negative_share(logits, labels))
+    log_p = F.log_softmax(logits, dim=1)  # (2N, 2WN): log P(j|i)
     p_neg = log_p.exp().masked_fill(F.one_hot(labels, 2 * big_n).bool(), 0.0)  # P(j|i) of the negatives; 0 else
     log_pos = log_p.gather(1, labels[:, None]).squeeze(1)  # log P(pos|i): invariance
     log_neg = torch.log1p(-p_neg).sum(1)  # sum_j log(1 - P(j|i)): spreading
     return -(log_pos + log_neg).mean()
+
+
+def embedding_knn(embed, data, env, args, autocast):
+    """utils.py kNN (demo_seen.py's protocol): the test images' 128-d L2-normalised embeddings against the
+    training images' (data.bank, recomputed without augmentation), the top-k neighbours voting with weight
+    exp(s / T) (k 200, T = tau 0.1 in the small recipe); {"eval/embed_knn_top1": top-1}. Deviation: the paper
+    reports this kNN; the project's common protocol, eval/knn_top1, is on the backbone's features (evaluate)."""
+    if data.test is None or len(data.test) == 0:
+        return {}
+    kw = dict(size=args.image_size, workers=args.workers, autocast=autocast)
+    train_f, test_f = (extract_features(embed, split, data, env, **kw) for split in (data.bank, data.test))
+    y, y_test = data.bank.labels, data.test.labels
+    return {"eval/embed_knn_top1": knn_top1(train_f, y, test_f, y_test, data.num_classes, args.knn_k, args.knn_t, env)}
 
 
 def main():
@@ -204,6 +231,7 @@ def main():
     recipe = pick_recipe(RECIPES, data, env, args)
     small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem
     resume = prepare_output_dir(args, "invaspread", env)
+    # Deviation: inputs normalised by each data set's own mean/std; demo_seen.py uses CIFAR's for STL-10 too.
     config = dict(vars(args), input_mean=list(data.mean), input_std=list(data.std))  # what backbone.pt expects
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 
@@ -213,9 +241,11 @@ def main():
     backbone = make_backbone(args, small)
     model = InvaSpread(backbone, args.dim)
     if env.world_size > 1 and env.device.type == "cuda":
-        # Deviation: one BN over the global batch; demo_seen.py's nn.DataParallel gives each GPU's BN its share.
+        # Deviation: one BN over the global batch of both views; demo_seen.py's nn.DataParallel splits [x1; x2]
+        # over 4 GPUs, so each BN sees a quarter of the batch, all of one view (per-view statistics).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(env.device, memory_format=torch.channels_last)
+    embed = nn.Sequential(model.backbone, model.projector)  # z, the output the loss sees (kNN, alignment, uniformity)
     optimizer = make_optimizer(model, args)  # SGD, weight decay on every parameter
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -269,21 +299,22 @@ def main():
     )
     if env.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=1))
-    stds = []  # collapse diagnostic of each step of the epoch
+    stds, shares = [], []  # collapse diagnostic and hardest negative's share of each step of the epoch
     while step < last_step:
-        epoch, stds = step // steps_per_epoch, []
+        epoch, stds, shares = step // steps_per_epoch, [], []
         for x1, x2 in loader.epoch(epoch, start=step % steps_per_epoch):
             lr_now = learning_rate(step, steps_per_epoch, args)  # step decays at fixed epochs (demo_seen.py)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             with autocast():  # Fig. 2: f(x) for both views, one batch of 2N
                 z1, z2 = train_model(x1, x2)
-            # Sec. 3.1 / BatchAverage.py over the global batch, in float32 whatever the autocast dtype.
-            loss = invaspread_loss(z1.float(), z2.float(), args.temperature)
+            # Sec. 3.1 / BatchAverage.py over the global batch. z comes out of autocast (bf16 on GPUs); the loss
+            # casts it to float32 and computes the similarities, softmax and logs there.
+            loss = invaspread_loss(z1.float(), z2.float(), args.temperature, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            logger.step(step, epoch, loss, lr_now)
+            logger.step(step, epoch, loss, lr_now)  # under torchrun: rank 0's loss, the mean over its 2N anchors
             stds.append(collapse_std(z1))  # SimSiam Sec. 4.1: std of z/||z||; stays on the device
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step:
@@ -297,20 +328,28 @@ def main():
         if step % steps_per_epoch == 0 and step < last_step:  # a full epoch: diagnostics and a checkpoint
             check_finite(model, optimizer, env, step, out)  # before a diverged network is evaluated
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
+            row["eval/hardest_negative_share"] = epoch_mean(shares, env)  # over the epoch's anchors, all ranks
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= embedding_knn(embed, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
             logger.restart_clock()
 
     # ---- EVAL AND SAVE -----------------------------------------------------------------------------------
+    # Deviation: demo_seen.py reports the best epoch's kNN; here every evaluation is logged, and the paper's number
+    # is the maximum of eval/embed_knn_top1 over metrics.jsonl.
     save()
     row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
+        row["eval/hardest_negative_share"] = epoch_mean(shares, env)
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= embedding_knn(embed, data, env, args, autocast)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 

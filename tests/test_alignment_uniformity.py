@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import REPO, read_metrics, run_script
 
 import common as C
+import invaspread as IS
 import moco as M
 import simclr as S
 
@@ -52,7 +53,8 @@ def reference_shares(anchors, candidates, positives, excluded, tau):
 
 def test_hardest_negative_share_inside_the_losses():
     """SimCLR: each view-1 anchor's negatives are the 2N - 2 views of the other images (and symmetrically);
-    MoCo v1/v2: the queue; MoCo v3: the other images' keys."""
+    MoCo v1/v2: the queue; MoCo v3: the other images' keys; InvaSpread: each of the 2N views' P(j|i) over the
+    2N - 2 views of the other images (itself and its other view i +- N left out)."""
     g = torch.Generator().manual_seed(0)
     n, tau = 5, 0.2
     z1, z2, k1, k2 = (F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1) for _ in range(4))
@@ -75,6 +77,10 @@ def test_hardest_negative_share_inside_the_losses():
     M.moco_loss(z1, z2, k1, k2, None, tau, shares)  # v3: ctr(q1, k2) + ctr(q2, k1) over the batch's keys
     for q, k, s in zip((z1, z2), (k2, k1), shares):
         assert s.item() == pytest.approx(reference_shares(q, k, list(range(n)), [-1] * n, tau), rel=1e-9)
+    shares = []
+    IS.invaspread_loss(z1, z2, tau, shares)  # one share over all 2N anchors
+    ref = reference_shares(views, views, [(i + n) % (2 * n) for i in range(2 * n)], list(range(2 * n)), tau)
+    assert len(shares) == 1 and shares[0].item() == pytest.approx(ref, rel=1e-9)
 
 
 class Recorder(nn.Module):

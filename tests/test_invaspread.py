@@ -3,6 +3,7 @@ BatchAverage.py computes them), the gradient through the anchor side only, the g
 under torchrun, demo_seen.py's recipe and schedule, the script end to end with exact resume, and learning on the
 built-in data."""
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import dist_invaspread
@@ -14,6 +15,7 @@ from conftest import (
     assert_resume_is_exact,
     assert_runs_in_bfloat16,
     assert_trained_run,
+    read_metrics,
     run_script,
 )
 
@@ -102,6 +104,32 @@ def test_recipe_and_schedule_are_demo_seens():
     assert (v1.flip_p, v1.gray_first, v1.blur_p, v1.color) == (0.5, False, 0.0, "torchvision")
 
 
+def test_embedding_knn_is_the_papers_knn_on_the_normalised_fc_output():
+    """utils.py's kNN: the test images' fc outputs (L2-normalised inside knn_top1) against the training images',
+    computed by hand in eval mode without augmentation, with the run's k and T; not the backbone's kNN."""
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)  # noqa: E731
+    labels = lambda n: torch.randint(0, 3, (n,), generator=g)  # noqa: E731
+    train, test = C.Split(labels=labels(80), images=images(80)), C.Split(labels=labels(60), images=images(60))
+    data = C.Data("random", 16, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train, train, test)
+    torch.manual_seed(0)
+    model = IS.InvaSpread(C.TinyNet(width=8), dim=16)
+    env, args = C.Env(0, 1, 0, torch.device("cpu")), SimpleNamespace(image_size=16, workers=0, knn_k=7, knn_t=0.5)
+    embed = torch.nn.Sequential(model.backbone, model.projector)
+    got = IS.embedding_knn(embed, data, env, args, nullcontext)
+    assert model.training  # its mode is restored
+    model.eval()
+    with torch.no_grad():
+        (f, ft), (b, bt) = (
+            [net(C.normalize(s.images.float() / 255, data)) for s in (train, test)] for net in (embed, model.backbone)
+        )
+    y, yt = train.labels, test.labels
+    want = C.knn_top1(f, y, ft, yt, 3, 7, 0.5)
+    assert got == {"eval/embed_knn_top1": pytest.approx(want, abs=1e-12)}
+    # the test can tell the embedding from the backbone, and k, T from the recipe's 200, 0.1
+    assert want != C.knn_top1(b, y, bt, yt, 3, 7, 0.5) and want != C.knn_top1(f, y, ft, yt, 3, 200, 0.1)
+
+
 def test_end_to_end_and_resume_is_exact(tmp_path):
     flags = "--batch-size 64 --epochs 2 --dim 32 --eval-every -1"
     run = assert_resume_is_exact("invaspread.py", flags, tmp_path, n=4, k=2)
@@ -113,3 +141,6 @@ def test_it_learns(tmp_path):
     """60 steps (seed 0): kNN 51.9% against 33.0% for the random-init network; seeds 1 / 2: 55.0% / 45.8% against
     28.7% / 25.0%, so a 10-point margin holds for seeds 0-2."""
     assert_it_learns("invaspread.py", "--max-steps 60", tmp_path, margin=0.10)
+    final = read_metrics(tmp_path / "learn")[-1]  # issue 13's metrics and the paper's kNN with the others
+    for key in ("eval/embed_knn_top1", "eval/alignment", "eval/uniformity", "eval/hardest_negative_share"):
+        assert key in final, key
