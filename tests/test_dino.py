@@ -1,6 +1,7 @@
 """dino.py: the loss against the paper's equations, the centre and the schedules by hand, the centre under
 torchrun, the frozen last layer, the collapse diagnostics, the ViT at other crop sizes and its drop path, the
-script end to end with exact resume (teacher and centre included), and that it learns on the built-in data."""
+script end to end with exact resume (teacher and centre included). Not yet here: a learning test on the built-in
+data (its margin over the random init is still to be measured; see the README)."""
 
 import math
 from types import SimpleNamespace
@@ -8,15 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    REPO,
-    assert_it_learns,
-    assert_resume_is_exact,
-    assert_runs_in_bfloat16,
-    assert_trained_run,
-    checkpoint,
-    run_script,
-)
+from conftest import REPO, assert_resume_is_exact, assert_runs_in_bfloat16, assert_trained_run, checkpoint, run_script
 
 import common as C
 import dino as D
@@ -227,8 +220,3 @@ def test_end_to_end_and_resume_is_exact_including_the_teacher_and_the_centre(tmp
     backbone = torch.load(run / "backbone.pt", weights_only=True)  # the teacher's, what DINO evaluates
     assert all(torch.equal(v, model[f"teacher_backbone.{k}"]) for k, v in backbone.items())
     assert_runs_in_bfloat16("dino.py", TINY_FLAGS, tmp_path, run)
-
-
-def test_it_learns(tmp_path):
-    """LEARN_DOC"""
-    assert_it_learns("dino.py", "LEARN_FLAGS", tmp_path, margin=LEARN_MARGIN)
