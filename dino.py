@@ -150,60 +150,20 @@ RECIPES = {
     # momentum 0.996 -> 1; tau_t 0.04 (no warmup: --warmup_teacher_temp_epochs defaults to 0); drop path 0.1;
     # 2 x 224 crops from (0.4, 1) + 8 x 96 from (0.05, 0.4). The README's better ViT-S: --epochs 300
     # --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --no-norm-last-layer. kNN k 20, T 0.07 (eval_knn.py).
-    "imagenet": dict(
-        arch="vit_small",
-        epochs=100,
-        batch_size=512,
-        optimizer="adamw",
-        lr=5e-4,
-        min_lr=1e-6,
-        warmup_epochs=10,
-        wd=0.04,
-        wd_end=0.4,
-        clip_grad=3.0,
-        out_dim=65536,
-        momentum_teacher=0.996,
-        teacher_temp=0.04,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=0,
-        drop_path=0.1,
-        crop_min=0.4,
-        local_crops=8,
-        local_size=96,
-        knn_k=20,
-        knn_t=0.07,
-    ),
+    "imagenet": dict(arch="vit_small", epochs=100, batch_size=512, optimizer="adamw", lr=5e-4, min_lr=1e-6)
+    | dict(warmup_epochs=10, wd=0.04, wd_end=0.4, clip_grad=3.0, out_dim=65536, momentum_teacher=0.996)
+    | dict(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, drop_path=0.1)
+    | dict(crop_min=0.4, local_crops=8, local_size=96, knn_k=20, knn_t=0.07),
     # No official CIFAR recipe: solo-learn's CIFAR DINO (scripts/pretrain/cifar/dino.yaml, solo/methods/dino.py
     # defaults): CIFAR ResNet-18, batch 256, LARS lr 0.3 * bs/256 (eta 0.02, LARC clip, bias and norm excluded),
     # wd 1e-6 (constant), 10 warmup epochs, cosine to 0, 1000 epochs; K 4096, head 2048 -> 256; teacher momentum
     # 0.9995 -> 1; tau_t 0.07, no grad clip, last layer frozen 1 epoch; two 32-px crops from (0.08, 1), no blur,
     # solarize 0 / 0.2 (augmentations/asymmetric.yaml). `--local-crops N` adds N crops of `--local-size` (16 px;
     # solo-learn's cifar-multicrop recipes use 18 px) from (0.05, crop-min). kNN k 200, T 0.1 (InstDisc).
-    "small": dict(
-        arch="resnet18",
-        epochs=1000,
-        batch_size=256,
-        optimizer="lars",
-        lr=0.3,
-        min_lr=0.0,
-        warmup_epochs=10,
-        wd=1e-6,
-        wd_end=1e-6,
-        lars_eta=0.02,
-        lars_clip=True,
-        clip_grad=0.0,
-        out_dim=4096,
-        momentum_teacher=0.9995,
-        teacher_temp=0.07,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=0,
-        drop_path=0.0,
-        crop_min=0.08,
-        local_crops=0,
-        local_size=16,
-        knn_k=200,
-        knn_t=0.1,
-    ),
+    "small": dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, min_lr=0.0)
+    | dict(warmup_epochs=10, wd=1e-6, wd_end=1e-6, lars_eta=0.02, lars_clip=True, clip_grad=0.0, out_dim=4096)
+    | dict(momentum_teacher=0.9995, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
+    | dict(drop_path=0.0, crop_min=0.08, local_crops=0, local_size=16, knn_k=200, knn_t=0.1),
     # `python dino.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
     # Deviation (ours, untuned): the small-image recipe for 10 epochs of batch 256 with 1 warmup epoch, K 1024,
     # 2 local crops of 16 px, and teacher momentum 0.96 (0.9995 would leave the evaluated teacher at its init

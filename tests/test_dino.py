@@ -90,6 +90,23 @@ def test_centre_and_gradients_under_torchrun_equal_one_process_on_the_global_bat
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_optimizer_groups_and_lr_are_main_dino_pys():
+    """utils.get_params_groups: the student's weights regularised, its biases and norm parameters not; the teacher
+    and a fixed last-layer norm left out. lr_schedule: 5e-4 * bs/256, 10 warmup epochs, cosine to min_lr 1e-6."""
+    model = D.DINO(C.TinyNet(width=2), C.TinyNet(width=2), 5, hidden_dim=8, bottleneck_dim=4)
+    args = SimpleNamespace(optimizer="adamw", wd=0.04, lr=5e-4, batch_size=512, epochs=100, warmup_epochs=10)
+    args.min_lr = 1e-6
+    opt = D.make_optimizer(model, args)
+    assert isinstance(opt, torch.optim.AdamW)
+    student = [(n, p) for n, p in model.named_parameters() if not n.startswith("teacher_")]
+    decay = {id(p) for n, p in student if p.ndim > 1 and "original0" not in n}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == decay and opt.param_groups[0]["weight_decay"] == 0.04
+    rest = {id(p) for n, p in student if p.ndim <= 1}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == rest and opt.param_groups[1]["weight_decay"] == 0
+    lrs = [D.learning_rate(k, 10, args) for k in (0, 99, 100, 1000)]
+    assert lrs == pytest.approx([1e-3 / 100, 1e-3, 1e-3, 1e-6])
+
+
 def test_clip_gradients_caps_each_tensor_not_the_global_norm():
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
