@@ -968,8 +968,8 @@ def drop_path(x, p, training):
     each sample's residual branch is dropped with probability p and kept ones are scaled by 1 / (1 - p)."""
     if p == 0.0 or not training:
         return x
-    keep = (1 - p + torch.rand(len(x), *(1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)).floor_()
-    return x / (1 - p) * keep
+    keep = (1 - p + torch.rand(len(x), *(1,) * (x.ndim - 1), device=x.device)).floor_()  # float32 draws
+    return x / (1 - p) * keep.to(x.dtype)
 
 
 class Block(nn.Module):

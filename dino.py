@@ -119,7 +119,7 @@ parser.add_argument(
     "--freeze-last-layer", type=nonnegative_int, default=1, help="epochs with the head's last layer frozen"
 )
 parser.add_argument("--out-dim", type=positive_int, default=None, help="K, the head's output size (recipe)")
-parser.add_argument("--hidden-dim", type=positive_int, default=2048, help="DINO head MLP hidden size")
+parser.add_argument("--hidden-dim", type=positive_int, default=None, help="DINO head MLP hidden size (recipe)")
 parser.add_argument("--bottleneck-dim", type=positive_int, default=256, help="DINO head bottleneck (L2-normalised)")
 parser.add_argument(
     "--norm-last-layer",
@@ -143,48 +143,59 @@ parser.add_argument(
 )
 parser.add_argument("--local-crops", type=nonnegative_int, default=None, help="N local crops (recipe)")
 parser.add_argument("--local-size", type=positive_int, default=None, help="local crops' side in pixels (recipe)")
+parser.add_argument(
+    "--local-scale-min", type=in_range(0, 1, lo_open=True), default=None, help="local crops' smallest area (recipe)"
+)
+parser.add_argument(
+    "--local-scale-max", type=in_range(0, 1, lo_open=True), default=None, help="local crops' largest area (recipe)"
+)
 
 RECIPES = {
     # main_dino.py defaults, the README's ViT-S/16 100-epoch run on 8 GPUs x 64 images: AdamW lr 5e-4 * bs/256,
     # 10 warmup epochs, cosine to 1e-6; wd cosine 0.04 -> 0.4; per-tensor grad clip 3.0; K 65536; teacher
     # momentum 0.996 -> 1; tau_t 0.04 (no warmup: --warmup_teacher_temp_epochs defaults to 0); drop path 0.1;
-    # 2 x 224 crops from (0.4, 1) + 8 x 96 from (0.05, 0.4). The README's better ViT-S: --epochs 300
-    # --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --no-norm-last-layer. kNN k 20, T 0.07 (eval_knn.py).
+    # 2 x 224 crops from (0.4, 1) + 8 x 96 from (0.05, 0.4). `--optimizer lars`: utils.LARS's defaults (eta 1e-3,
+    # no clipping, momentum 0.9). The README's better ViT-S (2 nodes x 8 GPUs x 64 images): --batch-size 1024
+    # --epochs 300 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --no-norm-last-layer. kNN k 20, T 0.07.
     "imagenet": dict(arch="vit_small", epochs=100, batch_size=512, optimizer="adamw", lr=5e-4, min_lr=1e-6)
     | dict(warmup_epochs=10, wd=0.04, wd_end=0.4, clip_grad=3.0, out_dim=65536, momentum_teacher=0.996)
     | dict(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, drop_path=0.1)
-    | dict(crop_min=0.4, local_crops=8, local_size=96, knn_k=20, knn_t=0.07),
-    # No official CIFAR recipe: solo-learn's CIFAR DINO (scripts/pretrain/cifar/dino.yaml, solo/methods/dino.py
-    # defaults): CIFAR ResNet-18, batch 256, LARS lr 0.3 * bs/256 (eta 0.02, LARC clip, bias and norm excluded),
-    # wd 1e-6 (constant), 10 warmup epochs, cosine to 0, 1000 epochs; K 4096, head 2048 -> 256; teacher momentum
-    # 0.9995 -> 1; tau_t 0.07, no grad clip, last layer frozen 1 epoch; two 32-px crops from (0.08, 1), no blur,
-    # solarize 0 / 0.2 (augmentations/asymmetric.yaml). `--local-crops N` adds N crops of `--local-size` (16 px;
-    # solo-learn's cifar-multicrop recipes use 18 px) from (0.05, crop-min). kNN k 200, T 0.1 (InstDisc).
+    | dict(crop_min=0.4, local_crops=8, local_size=96, local_scale_min=0.05, local_scale_max=0.4)
+    | dict(knn_k=20, knn_t=0.07, lars_eta=1e-3, lars_clip=False, hidden_dim=2048),
+    # Deviation: no official small-image recipe; solo-learn's CIFAR DINO (scripts/pretrain/cifar/dino.yaml,
+    # solo/methods/dino.py defaults): CIFAR ResNet-18, batch 256, LARS lr 0.3 * bs/256 (eta 0.02, LARC clip, bias
+    # and norm excluded), wd 1e-6 (constant), 10 warmup epochs, cosine to 0, 1000 epochs; K 4096, head 2048 -> 256;
+    # teacher momentum 0.9995 -> 1; tau_t 0.07, no grad clip, last layer frozen 1 epoch; two 32-px crops from
+    # (0.08, 1), no blur, solarize 0 / 0.2 (augmentations/asymmetric.yaml). `--local-crops N` adds N local crops as
+    # solo-learn's only multi-crop CIFAR recipe (scripts/pretrain/cifar-multicrop/augmentations/swav.yaml, 6 x 18
+    # px from (0.08, 0.5), its globals from (0.2, 1)). kNN k 200, T 0.1 (InstDisc).
     "small": dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, min_lr=0.0)
     | dict(warmup_epochs=10, wd=1e-6, wd_end=1e-6, lars_eta=0.02, lars_clip=True, clip_grad=0.0, out_dim=4096)
     | dict(momentum_teacher=0.9995, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
-    | dict(drop_path=0.0, crop_min=0.08, local_crops=0, local_size=16, knn_k=200, knn_t=0.1),
+    | dict(drop_path=0.0, crop_min=0.08, local_crops=0, local_size=18, local_scale_min=0.08, local_scale_max=0.5)
+    | dict(knn_k=200, knn_t=0.1, hidden_dim=2048),
     # `python dino.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
     # Deviation (ours, untuned): the small-image recipe for 10 epochs of batch 256 with 1 warmup epoch, K 1024,
-    # 2 local crops of 16 px, and teacher momentum 0.96 (0.9995 would leave the evaluated teacher at its init
+    # 2 local crops, and teacher momentum 0.96 (0.9995 would leave the evaluated teacher at its init
     # for the demo's 390 steps).
     "builtin": dict(epochs=10, batch_size=256, warmup_epochs=1, out_dim=1024, momentum_teacher=0.96, local_crops=2),
 }
 
 
 # ---- AUGMENTATION RECIPE -----------------------------------------------------------------------------------
-def view_recipe(size, small, crop_min, local_crops, local_size):
+def view_recipe(size, small, crop_min, local_crops, local_size, local_scale=(0.05, 0.4)):
     """main_dino.py DataAugmentationDINO: every crop flipped, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
     grayscale p 0.2 (torchvision's ColorJitter); global crop 1 of `size` from (crop_min, 1) blurred with p 1.0,
     global crop 2 blurred with p 0.1 and solarized with p 0.2; `local_crops` crops of `local_size` from
-    (0.05, crop_min) blurred with p 0.5. No blur on small images (solo-learn's CIFAR recipe). The list is ordered
-    globals first, so crops of one size are adjacent (one backbone pass each). Deviation: crops are resized
-    bilinearly with antialiasing (the official code uses bicubic), and blur is a Gaussian kernel of 10% of the
-    image side with sigma in [0.1, 2] (SimCLR's), not PIL's GaussianBlur(radius=sigma) (utils.py GaussianBlur)."""
+    `local_scale` (main_dino.py: (0.05, 0.4)) blurred with p 0.5. No blur on small images (solo-learn's CIFAR
+    recipe). The list is ordered globals first, so crops of one size are adjacent (one backbone pass each).
+    Deviation: crops are resized bilinearly with antialiasing (the official code uses bicubic), and blur is a
+    Gaussian kernel of 10% of the image side with sigma in [0.1, 2] (SimCLR's), not PIL's
+    GaussianBlur(radius=sigma) (utils.py GaussianBlur)."""
     jitter = (0.4, 0.4, 0.2, 0.1)
     global1 = ViewAug(size, scale=(crop_min, 1.0), jitter=jitter, blur_p=0.0 if small else 1.0)
     global2 = ViewAug(size, scale=(crop_min, 1.0), jitter=jitter, blur_p=0.0 if small else 0.1, solarize_p=0.2)
-    local = ViewAug(local_size, scale=(0.05, crop_min), jitter=jitter, blur_p=0.0 if small else 0.5)
+    local = ViewAug(local_size, scale=local_scale, jitter=jitter, blur_p=0.0 if small else 0.5)
     return [global1, global2] + [local] * local_crops
 
 
@@ -214,7 +225,12 @@ class DINOHead(nn.Module):
         g.requires_grad_(not norm_last_layer)
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (n, K)
+        """(n, K) scores in float32 whatever the autocast dtype: the MLP runs in it, the L2 normalisation and the
+        K-wide last layer outside it. Deviation: main_dino.py runs the whole head in fp16 (10-bit mantissa); bf16
+        (7 bits) would round the scores 8x more coarsely before the loss divides them by tau_t = 0.04."""
+        z = self.mlp(x)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.last_layer(F.normalize(z.float(), dim=-1))
 
 
 def multi_crop(backbone, head, crops):
@@ -358,12 +374,16 @@ def diagnostics(diags):
 def main():
     args = parser.parse_args()
     # ---- SETUP -------------------------------------------------------------------------------------------
+    # Deviation: one process and CPUs are allowed (main_dino.py requires DDP on GPUs). The global RNG (drop path)
+    # is seeded with --seed on every rank, as utils.fix_random_seeds(args.seed): the ranks' masks repeat there too
     env = setup(args.device, args.seed)
     data = load_data(args.data, args.data_dir, env.device)
     recipe = pick_recipe(RECIPES, data, env, args)
     small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem, no blur
     if args.drop_path >= 1:
         raise UserError(f"--drop-path {args.drop_path}: a rate below 1 drops some paths; 1 would drop them all")
+    if args.local_scale_min > args.local_scale_max:
+        raise UserError(f"--local-scale-min {args.local_scale_min} is above --local-scale-max {args.local_scale_max}")
     if args.warmup_teacher_temp_epochs > args.epochs:
         raise UserError(f"--warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs} is more than --epochs")
     resume = prepare_output_dir(args, "dino", env)
@@ -371,7 +391,8 @@ def main():
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
-    views = view_recipe(args.image_size, small, args.crop_min, args.local_crops, args.local_size)
+    local_scale = (args.local_scale_min, args.local_scale_max)
+    views = view_recipe(args.image_size, small, args.crop_min, args.local_crops, args.local_size, local_scale)
     loader = TrainLoader(data, views, args.batch_size, env, args.seed, args.workers)
     backbone = make_backbone(args, small, drop_path=args.drop_path)  # the student's; stochastic depth
     model = DINO(
@@ -396,7 +417,9 @@ def main():
         if len(ckpt["aug_rng"]) == env.world_size:  # else (another process count) the run goes on, not bitwise
             loader.gen.set_state(ckpt["aug_rng"][env.rank])
         torch.set_rng_state(ckpt["rng"])
-        if env.device.type == "cuda" and "cuda_rng" in ckpt:  # drop path draws from the device's RNG
+        # Deviation: main_dino.py does not restore RNG states; drop path draws from the device's RNG, so CUDA's
+        # state is in ckpt.pt for an exact resume
+        if env.device.type == "cuda" and "cuda_rng" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], env.device)
         step = ckpt["step"]
 
@@ -448,7 +471,9 @@ def main():
             with autocast():  # Alg. 1: student on every crop, teacher on the 2 global crops
                 s, t = train_model(crops)
             temp = teacher_temperature(epoch, args)
-            # Eq. 3 in float32 whatever the autocast dtype; then the centre, from this step's teacher outputs
+            # Eq. 3 in float32 whatever the autocast dtype (the scores are float32: DINOHead.forward). Deviation:
+            # main_dino.py runs fp16 autocast with a GradScaler; bf16 needs no scaler. Then the centre, from this
+            # step's teacher outputs
             loss = dino_loss(s.float(), t.float(), model.center, temp, args.student_temp)
             diags.append(torch.stack([teacher_entropy(t.float(), model.center, temp), loss.detach()]))
             model.update_center(t.float(), args.center_momentum)

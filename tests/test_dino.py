@@ -107,6 +107,43 @@ def test_optimizer_groups_and_lr_are_main_dino_pys():
     assert lrs == pytest.approx([1e-3 / 100, 1e-3, 1e-3, 1e-6])
 
 
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_the_imagenet_recipe_builds_and_steps_lars_and_sgd(optimizer):
+    """`--optimizer lars` / `sgd` with the ImageNet recipe: utils.LARS's defaults (eta 1e-3, no clipping, momentum
+    0.9, biases and norms neither decayed nor adapted) and SGD momentum 0.9, built by make_optimizer; a step runs
+    and moves the student's weights."""
+    torch.manual_seed(0)
+    model = D.DINO(C.TinyNet(width=2), C.TinyNet(width=2), 5, hidden_dim=8, bottleneck_dim=4)
+    args = SimpleNamespace(**(D.RECIPES["imagenet"] | {"optimizer": optimizer}))
+    opt = D.make_optimizer(model, args)
+    if optimizer == "lars":
+        assert isinstance(opt, C.LARS) and opt.param_groups[0]["eta"] == 1e-3 and not opt.param_groups[0]["clip"]
+        assert opt.param_groups[1]["lars_exclude"] and not opt.param_groups[0]["lars_exclude"]
+    else:
+        assert type(opt) is torch.optim.SGD
+    assert all(g["momentum"] == 0.9 for g in opt.param_groups) and opt.param_groups[1]["weight_decay"] == 0
+    before = model.head.mlp[0].weight.clone()
+    crops = [torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    s, t = model(crops)
+    D.dino_loss(s, t, model.center, 0.04).backward()
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    opt.step()
+    assert torch.isfinite(model.head.mlp[0].weight).all() and not torch.equal(model.head.mlp[0].weight, before)
+
+
+def test_the_head_scores_are_float32_under_bf16_autocast():
+    """The L2 normalisation and the K-wide last layer run outside autocast: under bf16 the scores are the float32
+    last layer applied to the normalised float32 bottleneck, bit for bit."""
+    torch.manual_seed(0)
+    head = D.DINOHead(8, 16, hidden_dim=32, bottleneck_dim=4)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z = head(x), head.mlp(x)
+    assert out.dtype == torch.float32 and z.dtype == torch.bfloat16
+    assert torch.equal(out, head.last_layer(F.normalize(z.float(), dim=-1)))
+
+
 def test_clip_gradients_caps_each_tensor_not_the_global_norm():
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
@@ -205,10 +242,13 @@ def test_drop_path_on_the_student_only():
     torch.manual_seed(0)
     y = C.drop_path(x, 0.3, training=True)
     per_sample = y[:, 0, 0]
-    assert set(per_sample.unique().tolist()) == {0.0, pytest.approx(1 / 0.7)}
+    assert per_sample.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
     assert (y == per_sample[:, None, None]).all()  # the whole sample, not single entries
     assert 0.25 < (per_sample == 0).float().mean() < 0.35
     assert torch.equal(C.drop_path(x, 0.3, training=False), x)
+    torch.manual_seed(0)  # the keep mask is drawn in float32 whatever x's dtype: bf16 drops the same samples
+    y16 = C.drop_path(x.bfloat16(), 0.3, training=True)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16 == 0, y == 0)
 
 
 def test_multi_crop_views_follow_main_dino_py():
