@@ -267,7 +267,7 @@ def test_multi_crop_views_follow_main_dino_py():
 
 
 TINY_FLAGS = (
-    "--batch-size 64 --epochs 2 --out-dim 32 --hidden-dim 64 --bottleneck-dim 16 --local-crops 2 --eval-every -1"
+    "--batch-size 32 --epochs 2 --out-dim 16 --hidden-dim 32 --bottleneck-dim 8 --local-crops 2 --eval-every -1"
 )
 
 
