@@ -942,17 +942,21 @@ def build_backbone(
     patch_size=None,
     sincos_pos=False,
     heads=None,
+    drop_path=0.0,
 ):
     """ResNets from torchvision (with the CIFAR stem when `small`), ViTs (patch 4 for small images, else 16),
     or the tiny CPU test net. The method file chooses what its source chooses: `zero_init_residual` (the last BN
     of each residual branch starts at 0), a ViT's `heads` (default: VITS, DeiT/DINO's) and `sincos_pos`; a ViT
-    starts with DINO's init (ViT docstring), which a method file may replace with its source's."""
+    starts with DINO's init (ViT docstring), which a method file may replace with its source's; `drop_path`: a
+    ViT's stochastic depth rate (DINO's student)."""
     if arch in RESNETS:
         return resnet(arch, small, zero_init_residual, in_channels, norm_layer)
     if arch in VITS:
         dim, depth, default_heads = VITS[arch]
         patch, heads = patch_size or (4 if small else 16), heads or default_heads
-        return ViT(image_size, patch, dim, depth, heads, in_channels=in_channels, sincos_pos=sincos_pos)
+        return ViT(
+            image_size, patch, dim, depth, heads, in_channels=in_channels, sincos_pos=sincos_pos, drop_path=drop_path
+        )
     if arch == "tiny":
         return TinyNet(in_channels, norm_layer=norm_layer)
     raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
@@ -999,18 +1003,29 @@ class Attention(nn.Module):
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al., arXiv:1603.09382) as DINO's vision_transformer.py drop_path: in training,
+    each sample's residual branch is dropped with probability p and kept ones are scaled by 1 / (1 - p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = (1 - p + torch.rand(len(x), *(1,) * (x.ndim - 1), device=x.device)).floor_()  # float32 draws
+    return x / (1 - p) * keep.to(x.dtype)
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); `drop_path`: the rate at which each
+    sample's residual branches are dropped in training (stochastic depth, DINO's student)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class ViT(nn.Module):
@@ -1018,13 +1033,18 @@ class ViT(nn.Module):
     vision_transformer.py (and timm's): Linear weights, class token and learned position embedding trunc-normal
     with std 0.02, biases 0, LayerNorm 1 and 0, the patch projection PyTorch's default; a method file may replace
     it with its source's (moco.py: MoCo v3's). `sincos_pos`: a fixed 2-D sine-cosine position embedding instead of
-    a learned one (MoCo v3).
+    a learned one (MoCo v3). `drop_path`: stochastic depth rising linearly from 0 at the first block to this
+    rate at the last (DINO's "stochastic depth decay rule"). Inputs of any size are embedded: the position
+    embedding is interpolated to the input's patch grid (DINO's interpolate_pos_encoding), unchanged at the
+    native size.
 
     The head count does not change any weight's shape, so it is kept in the state_dict as the 0-d int64 buffer
     `num_heads`: backbone.pt rebuilds with the right heads, and loading weights into a ViT with other heads is an
     error rather than a silently different network. Drop that entry to load the weights elsewhere (timm etc.)."""
 
-    def __init__(self, image_size, patch_size, dim, depth, heads, mlp_ratio=4.0, in_channels=3, sincos_pos=False):
+    def __init__(
+        self, image_size, patch_size, dim, depth, heads, mlp_ratio=4.0, in_channels=3, sincos_pos=False, drop_path=0.0
+    ):
         super().__init__()
         if image_size % patch_size:
             raise UserError(f"image size {image_size} is not a multiple of the ViT patch size {patch_size}")
@@ -1037,7 +1057,9 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim), requires_grad=not sincos_pos)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.grid, self.patch_size = grid, patch_size
+        rates = torch.linspace(0, drop_path, depth).tolist()  # DINO vision_transformer.py: 0 .. drop_path
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.out_dim = dim
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -1057,9 +1079,21 @@ class ViT(nn.Module):
         if int(sd[key]) != self.heads:
             raise UserError(f"these ViT weights were trained with {int(sd[key])} heads; this ViT has {self.heads}")
 
+    def position_embedding(self, rows, cols):
+        """The position embedding for a rows x cols patch grid: the learned one at the native grid; else its patch
+        part resized bicubically, as DINO's interpolate_pos_encoding does (scale factors (n + 0.1) / grid, the
+        0.1 against rounding down, dino#8), the class token's entry unchanged."""
+        if (rows, cols) == (self.grid, self.grid):
+            return self.pos_embed
+        patch = rearrange(self.pos_embed[:, 1:], "1 (h w) d -> 1 d h w", h=self.grid)
+        scale = ((rows + 0.1) / self.grid, (cols + 0.1) / self.grid)
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic")
+        return torch.cat([self.pos_embed[:, :1], rearrange(patch, "1 d h w -> 1 (h w) d")], 1)
+
     def forward(self, x):
+        pos = self.position_embedding(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # token r * grid + c is patch (row r, col c)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + pos
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 0]

@@ -16,7 +16,7 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py", "dino.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
@@ -24,6 +24,7 @@ TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "moco.py": "--dim 32 --hidden-dim 64 --queue-size 256",
     "invaspread.py": "--dim 32",
     "cpc.py": "--target-dim 8 --context-dim 8",
+    "dino.py": "--out-dim 32 --hidden-dim 64 --bottleneck-dim 16 --local-crops 1",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -58,6 +59,23 @@ FLAG_VALUES = {
     "steps_to_predict": (["0"], ["1"]),
     "target_dim": (["0"], ["1"]),
     "context_dim": (["0"], ["1"]),
+    "min_lr": (["-1e-6", "nan"], ["0"]),
+    "wd_end": (["-1e-6", "nan"], ["0"]),
+    "clip_grad": (["-1", "nan"], ["0"]),
+    "freeze_last_layer": (["-1"], ["0"]),
+    "out_dim": (["0"], ["1"]),
+    "bottleneck_dim": (["0"], ["1"]),
+    "momentum_teacher": (["-0.1", "1.01"], ["0", "1"]),
+    "teacher_temp": (["0", "-0.04"], ["0.04"]),
+    "warmup_teacher_temp": (["0", "-0.04"], ["0.04"]),
+    "warmup_teacher_temp_epochs": (["-1"], ["0"]),
+    "student_temp": (["0", "-0.1"], ["0.1"]),
+    "center_momentum": (["-0.1", "1.01"], ["0", "1"]),
+    "drop_path": (["-0.1", "1.01"], ["0", "0.5"]),
+    "local_crops": (["-1"], ["0"]),
+    "local_size": (["0"], ["1"]),
+    "local_scale_min": (["0", "-0.1", "1.01"], ["0.05", "1"]),
+    "local_scale_max": (["0", "-0.1", "1.01"], ["0.4", "1"]),
 }
 
 
@@ -138,6 +156,7 @@ OVERFLOW = {
     "moco.py": "--wd 1e30",
     "invaspread.py": "--wd 1e30",
     "cpc.py": "--wd 1e30",
+    "dino.py": "--wd 1e30 --optimizer sgd",
 }
 
 
