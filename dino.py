@@ -43,6 +43,7 @@ from common import (
     TrainLoader,
     UserError,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
@@ -401,6 +402,8 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
+    # the teacher's bottleneck, L2-normalised before its last layer (alignment, uniformity): what DINO evaluates
+    embed = nn.Sequential(model.teacher_backbone, model.teacher_head.mlp)
     optimizer = make_optimizer(model, args)  # the student's two groups: regularised weights, biases and norms
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -501,6 +504,7 @@ def main():
             row = {"epoch": epoch, "step": step, **diagnostics(diags)}
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.teacher_backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
@@ -513,6 +517,7 @@ def main():
         row |= diagnostics(diags)
     if args.eval_every >= 0:
         row |= evaluate(model.teacher_backbone, data, env, args, autocast, linear=True)  # the teacher (Sec. 3.1)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 
