@@ -1,8 +1,7 @@
 """instdisc.py: the NCE loss, Z and the full-softmax loss against slow references written from the paper's
 equations (Sec. 3.1-3.2); the bank update v <- normalize(m v + (1 - m) f) at the batch's rows only; the loader's
 dataset indices on both data sources; one real step of the script (bank, Z, noise, logged loss); end to end with
-exact resume (bank, Z, noise sampler); identical banks on both ranks under torchrun. No learning test yet: at
-the suite's budget (about 100 steps) InstDisc has not yet beaten the random-init network (README)."""
+exact resume (bank, Z, noise sampler); identical banks on both ranks under torchrun; 400 demo steps learn."""
 
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     REPO,
+    assert_it_learns,
     assert_resume_is_exact,
     assert_runs_in_bfloat16,
     assert_trained_run,
@@ -213,3 +213,10 @@ def test_the_banks_stay_identical_on_both_ranks_under_torchrun(tmp_path):
     start = I.MemoryBank(len(builtin_data().train), 32, 16, 0.1, 0.5).memory
     changed = (ckpt["bank"]["memory"] != start).any(1).nonzero().flatten()
     assert torch.equal(changed, C.epoch_order(len(start), 0, 0)[:128].sort().values)
+
+
+def test_it_learns(tmp_path):
+    """400 of the demo's 780 steps (batch 128, 5 epochs: each bank row refreshed 5 times; about 60 s): kNN top-1
+    above the random-init network. Seeds 0 / 1 / 2: SEEDS trained against 33.0 / 28.7 / 25.0% at random init
+    (MARGINS, asserted at +3); InstDisc learns slowly per step (README: 200 steps are not enough). BUG"""
+    assert_it_learns("instdisc.py", "--max-steps 400", tmp_path, margin=0.03)
