@@ -818,9 +818,11 @@ def _check_decoded(errors):
 class TrainLoader:
     """Per step, this rank's share of the global batch as a list of augmented, normalised views on the
     device. Small data sets are indexed on the device; folders go through DataLoader workers. `epoch(e, start)`
-    restarts anywhere: the order comes from (seed, epoch) and the augmentation state from `self.gen`."""
+    restarts anywhere: the order comes from (seed, epoch) and the augmentation state from `self.gen`.
+    `with_indices=True` (a memory bank: InstDisc, CMC) appends the batch's dataset indices, int64 (per_rank,) on
+    the device, to each step's list: copied there once per epoch, so no host sync per step."""
 
-    def __init__(self, data, views, batch_size, env, seed, workers=8):
+    def __init__(self, data, views, batch_size, env, seed, workers=8, with_indices=False):
         n = len(data.train)
         if batch_size % env.world_size:
             raise UserError(f"--batch-size {batch_size} is not divisible by the {env.world_size} processes")
@@ -828,7 +830,7 @@ class TrainLoader:
             raise UserError(f"--batch-size {batch_size} is larger than the data set ({n} images); lower --batch-size")
         if batch_size // env.world_size < 2:  # training-mode batch norm needs two samples
             raise UserError(f"--batch-size {batch_size} leaves one image per process; batch norm needs 2 or more")
-        self.data, self.views, self.env, self.seed = data, views, env, seed
+        self.data, self.views, self.env, self.seed, self.with_indices = data, views, env, seed, with_indices
         self.batch_size, self.per_rank, self.steps = batch_size, batch_size // env.world_size, n // batch_size
         self.gen = torch.Generator(env.device).manual_seed(seed + env.rank)  # augmentation RNG, seed + rank
         self.loader = None
@@ -855,19 +857,22 @@ class TrainLoader:
 
     def epoch(self, epoch, start=0):
         mine = self.indices(epoch)
+        on_device = torch.stack(mine).to(self.env.device)[start:]  # one copy per epoch, none per step
         if self.loader is None:
-            for idx in torch.stack(mine).to(self.env.device)[start:]:  # one copy per epoch, none per step
+            for idx in on_device:
                 x = self.data.train.images[idx]
-                yield [normalize(augment(x, v, self.gen), self.data) for v in self.views]
+                views = [normalize(augment(x, v, self.gen), self.data) for v in self.views]
+                yield views + [idx] if self.with_indices else views
             return
         base = (self.seed * 1_000_003 + epoch) * 10_000_019 % 2**62  # each image's seed stays a valid int64
         self.items = [(int(i), base + int(i)) for idx in mine[start:] for i in idx]
-        for crops, errors in self.loader:
+        for (crops, errors), idx in zip(self.loader, on_device):  # batch s of the sampler's list is mine[start + s]
             _check_decoded(errors)
-            yield [
+            views = [
                 normalize(augment(c.to(self.env.device, non_blocking=True), v, self.gen, crop=False), self.data)
                 for c, v in zip(crops, self.views)
             ]
+            yield views + [idx] if self.with_indices else views
 
 
 class _ListSampler(torch.utils.data.Sampler):

@@ -16,7 +16,7 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py", "dino.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py", "dino.py", "instdisc.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
@@ -25,6 +25,7 @@ TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "invaspread.py": "--dim 32",
     "cpc.py": "--target-dim 8 --context-dim 8",
     "dino.py": "--out-dim 32 --hidden-dim 64 --bottleneck-dim 16 --local-crops 1",
+    "instdisc.py": "--dim 32 --nce-k 16",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -76,6 +77,9 @@ FLAG_VALUES = {
     "local_size": (["0"], ["1"]),
     "local_scale_min": (["0", "-0.1", "1.01"], ["0.05", "1"]),
     "local_scale_max": (["0", "-0.1", "1.01"], ["0.4", "1"]),
+    "nce_k": (["-1", "2.5"], ["0"]),
+    "nce_t": (["0", "-0.1"], ["0.07"]),
+    "nce_m": (["-0.1", "1.5"], ["0", "1"]),
 }
 
 
@@ -157,6 +161,7 @@ OVERFLOW = {
     "invaspread.py": "--wd 1e30",
     "cpc.py": "--wd 1e30",
     "dino.py": "--wd 1e30 --optimizer sgd",
+    "instdisc.py": "--wd 1e30",
 }
 
 
