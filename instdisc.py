@@ -42,6 +42,7 @@ from common import (
     StopSignal,
     TrainLoader,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
@@ -262,6 +263,8 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
+    # alignment, uniformity: two draws of the one view, embedded as the loss sees them (f on the sphere)
+    embed, au_views = model, loader.views * 2
     # The bank is not a buffer of the DDP-wrapped model (DDP would broadcast all N rows every step); every rank
     # keeps its own copy, kept identical by applying the global batch's update on every rank.
     bank = MemoryBank(len(data.train), args.dim, args.nce_k, args.nce_t, args.nce_m).to(env.device)
@@ -361,6 +364,7 @@ def main():
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, au_views, env, autocast, workers=args.workers)
                 # cifar.py:161 / main.py: the bank is the training set's features (no re-embedding)
                 row |= embedding_knn("eval/bank_knn_top1", model, bank.memory, data, env, args, autocast)
             logger.write([row])
@@ -375,6 +379,7 @@ def main():
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, au_views, env, autocast, workers=args.workers)
         row |= embedding_knn("eval/bank_knn_top1", model, bank.memory, data, env, args, autocast)
         # cifar.py:178 (test.py kNN with recompute_memory=1): the training set re-embedded without augmentation
         train_f = extract_features(
