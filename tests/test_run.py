@@ -16,12 +16,13 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "cmc.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
     "simclr.py": "--dim 32",
     "moco.py": "--dim 32 --hidden-dim 64 --queue-size 256",
+    "cmc.py": "--dim 16 --nce-k 16",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -51,6 +52,9 @@ FLAG_VALUES = {
     "tau_base": (["-0.1", "1.01"], ["0", "1"]),
     "moco_m": (["-0.1", "1.5"], ["0", "1"]),
     "crop_min": (["0", "1.2"], ["1", "0.01"]),
+    "nce_k": (["-1", "2.5"], ["0"]),
+    "nce_t": (["0", "-0.1"], ["0.07"]),
+    "nce_m": (["-0.1", "1.5"], ["0", "1"]),
 }
 
 
@@ -128,6 +132,7 @@ OVERFLOW = {
     "byol.py": "--lars-eta 1e30 --no-lars-clip",
     "simclr.py": "--lars-eta 1e30 --no-lars-clip",
     "moco.py": "--wd 1e30",
+    "cmc.py": "--wd 1e30",
 }
 
 
