@@ -124,7 +124,7 @@ IMAGENET = dict(arch="resnet50", epochs=240, batch_size=128, lr=0.03, wd=1e-4, n
 IMAGENET |= dict(softmax=False, crop_min=0.08, knn_k=20, knn_t=0.07)
 RECIPES = {
     "imagenet": IMAGENET,
-    # No official small-image recipe; ours. Two CIFAR-stem ResNet-18s (resnet18v2), InstDisc's cifar.py batch
+    # Deviation: no official small-image recipe; ours. Two CIFAR-stem ResNet-18s (resnet18v2), InstDisc's cifar.py batch
     # 128 and wd 5e-4, crops from 20% (train_CMC.py's default crop_low), tau 0.1 (the CMC README's STL-10
     # value). The softmax over K 4096 sampled rows, not NCE: NCE's Z is a Monte Carlo estimate fixed at step 0
     # and proportional to N, poor on small data sets, where the maintainer advises the softmax with fewer
@@ -161,7 +161,8 @@ def rgb_to_lab(x):
     """(B, 3, H, W) sRGB in [0, 1] -> CIE Lab (B, 3, H, W), L in [0, 100], as skimage.color.rgb2lab computes it:
     linear = ((x + 0.055) / 1.055)^2.4 above 0.04045, else x / 12.92; (X, Y, Z) = M linear / white;
     f(t) = t^(1/3) above 0.008856, else 7.787 t + 16/116; L = 116 f(Y) - 16, a = 500 (f(X) - f(Y)),
-    b = 200 (f(Y) - f(Z)). Batched on the device, in float32 (skimage: float64)."""
+    b = 200 (f(Y) - f(Z)). Deviation: batched on the device in float32, from the float crop; the official code
+    converts the PIL-resized uint8 crop with skimage in float64 (the values agree to 0.006)."""
     x = x.float()
     lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055).clamp(min=0).pow(2.4), x / 12.92)
     r, g, b = lin.unbind(1)
