@@ -16,12 +16,13 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "cmc.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "instdisc.py", "cmc.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
     "simclr.py": "--dim 32",
     "moco.py": "--dim 32 --hidden-dim 64 --queue-size 256",
+    "instdisc.py": "--dim 32 --nce-k 16",
     "cmc.py": "--dim 16 --nce-k 16",
 }
 
@@ -132,6 +133,7 @@ OVERFLOW = {
     "byol.py": "--lars-eta 1e30 --no-lars-clip",
     "simclr.py": "--lars-eta 1e30 --no-lars-clip",
     "moco.py": "--wd 1e30",
+    "instdisc.py": "--wd 1e30",
     "cmc.py": "--wd 1e30",
 }
 
