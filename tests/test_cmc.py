@@ -102,6 +102,7 @@ def test_cross_view_loss_equals_the_papers_equations(mode, n):
 
 
 TINY = "--arch tiny --image-size 32 --workers 0 --eval-every -1 --dim 16 --batch-size 32"
+FOLDER = "--arch tiny --image-size 32 --workers 0 --eval-every -1 --dim 8 --nce-k 4 --batch-size 4 --epochs 2"
 
 
 @pytest.mark.parametrize("loss", ["--no-softmax --nce-k 16", "--softmax --nce-k 16"])
@@ -171,9 +172,12 @@ def test_backbones_load_into_torchvision_apart_from_conv1():
         assert net.load_state_dict(sd, strict=False).missing_keys == ["fc.weight", "fc.bias"]
 
 
-def test_end_to_end_and_resume_is_exact_including_banks_and_noise(tmp_path):
-    flags = f"{TINY} --nce-k 64"
-    run = assert_resume_is_exact("cmc.py", flags, tmp_path, n=4, k=2)
+def test_end_to_end_and_resume_is_exact_including_banks_and_noise(tmp_path, image_folder):
+    """16 images in a folder (no built-in data to generate in each of the four processes), batch 4, K 4, dim 8,
+    2 epochs: 6 steps straight == 2 steps, stop, resume mid-epoch, 4 more across the epoch's end; both banks,
+    their Z and the noise sampler equal; both encoders in backbone.pt; two steps in bfloat16."""
+    flags = [FOLDER, "--data", image_folder(16, n_val=0)]
+    run = assert_resume_is_exact("cmc.py", flags, tmp_path, n=6, k=2)
     straight, resumed = checkpoint(run), checkpoint(tmp_path / "resumed")
     for key in straight["banks"]:
         assert torch.equal(straight["banks"][key], resumed["banks"][key]), key
