@@ -16,7 +16,17 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "invaspread.py", "cpc.py", "dino.py", "instdisc.py"]
+METHODS = [
+    "simsiam.py",
+    "byol.py",
+    "simclr.py",
+    "moco.py",
+    "invaspread.py",
+    "cpc.py",
+    "dino.py",
+    "instdisc.py",
+    "cmc.py",
+]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
@@ -26,6 +36,7 @@ TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "cpc.py": "--target-dim 8 --context-dim 8",
     "dino.py": "--out-dim 32 --hidden-dim 64 --bottleneck-dim 16 --local-crops 1",
     "instdisc.py": "--dim 32 --nce-k 16",
+    "cmc.py": "--dim 16 --nce-k 16",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -162,6 +173,7 @@ OVERFLOW = {
     "cpc.py": "--wd 1e30",
     "dino.py": "--wd 1e30 --optimizer sgd",
     "instdisc.py": "--wd 1e30",
+    "cmc.py": "--wd 1e30",
 }
 
 
