@@ -42,6 +42,7 @@ from common import (
     TrainLoader,
     UserError,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
@@ -405,7 +406,8 @@ def main():
     if env.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=1))
     rows = slice(process_rank() * loader.per_rank, (process_rank() + 1) * loader.per_rank)  # this rank's noise
-    embed = BothViews(model, embed=True)  # (f_l, f_ab) of an RGB batch, concatenated
+    # (f_l, f_ab) of an RGB batch, concatenated; alignment and uniformity take two draws of the one crop recipe
+    embed = BothViews(model, embed=True)
 
     def memory():  # the two banks side by side: (N, 2 dim), the rows of embed's output
         return torch.cat([bank_l.memory, bank_ab.memory], 1)
@@ -447,6 +449,7 @@ def main():
             row = {"epoch": epoch, "step": step, "eval/collapse_std": torch.stack(stds).mean().item()}
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(BothViews(model), data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views * 2, env, autocast, workers=args.workers)
                 # cifar.py:161 / main.py: the banks are the training set's features (no re-embedding)
                 row |= embedding_knn("eval/bank_knn_top1", embed, memory(), data, env, args, autocast)
             logger.write([row])
@@ -461,6 +464,7 @@ def main():
         row["eval/collapse_std"] = torch.stack(stds).mean().item()
     if args.eval_every >= 0:
         row |= evaluate(BothViews(model), data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, loader.views * 2, env, autocast, workers=args.workers)
         row |= embedding_knn("eval/bank_knn_top1", embed, memory(), data, env, args, autocast)
         # cifar.py:178 (test.py kNN with recompute_memory=1): the training set re-embedded without augmentation
         train_f = extract_features(
