@@ -16,12 +16,13 @@ from conftest import REPO, read_metrics, run_script, script_command
 
 import common as C
 
-METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py"]
+METHODS = ["simsiam.py", "byol.py", "simclr.py", "moco.py", "swav.py"]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
     "byol.py": "--dim 32 --hidden-dim 64",
     "simclr.py": "--dim 32",
     "moco.py": "--dim 32 --hidden-dim 64 --queue-size 256",
+    "swav.py": "--dim 16 --hidden-dim 32 --prototypes 16",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -51,6 +52,16 @@ FLAG_VALUES = {
     "tau_base": (["-0.1", "1.01"], ["0", "1"]),
     "moco_m": (["-0.1", "1.5"], ["0", "1"]),
     "crop_min": (["0", "1.2"], ["1", "0.01"]),
+    "start_warmup": (["-0.1"], ["0"]),
+    "final_lr": (["-0.1"], ["0"]),
+    "epsilon": (["0", "0.01", "101"], ["0.02", "100"]),
+    "sinkhorn_iterations": (["0"], ["1"]),
+    "prototypes": (["0"], ["1"]),
+    "queue_length": (["-1"], ["0"]),
+    "queue_start_epoch": (["-1"], ["0"]),
+    "freeze_prototypes_epochs": (["-1"], ["0", "0.5"]),
+    "local_crops": (["-1"], ["0"]),
+    "local_size": (["0"], ["1"]),
 }
 
 
@@ -128,6 +139,7 @@ OVERFLOW = {
     "byol.py": "--lars-eta 1e30 --no-lars-clip",
     "simclr.py": "--lars-eta 1e30 --no-lars-clip",
     "moco.py": "--wd 1e30",
+    "swav.py": "--lars-eta 1e30 --no-lars-clip --warmup-epochs 0",  # the warmup starts at --start-warmup
 }
 
 
