@@ -19,8 +19,8 @@ it is marked "Deviation:" below and listed in the README.
     python swav.py --data /path/to/imagenet             # ImageNet recipe: 2x224 + 6x96 crops, LARC
     torchrun --nproc_per_node=8 swav.py --data /path/to/imagenet   # --batch-size is the global 4096
 
-Result on the built-in shapes, 2-core CPU, tiny backbone: see the README ("SwAV on the CPU"). GPU numbers are
-still to be measured.
+Result on the built-in shapes: not yet measured on an idle machine (the README's "SwAV on the CPU" has what was
+measured under load, and what multi-crop costs per step). GPU numbers are still to be measured.
 """
 
 import argparse
