@@ -64,8 +64,11 @@ METHODS = {
     "simclr-v2": ("simclr.py", "--version v2 --dim 32"),  # negatives gathered with gradient through DDP
     "moco-v2": ("moco.py", "--version v2 --dim 32 --hidden-dim 64 --queue-size 512"),  # Shuffling BN, the queue
     "moco-v3": ("moco.py", "--version v3 --dim 32 --hidden-dim 64"),  # keys gathered, labels offset by rank
-    # per-rank queues (128 = 2 global batches: used from step 2), distributed Sinkhorn, the demo's 2 local crops
-    "swav": ("swav.py", "--prototypes 16 --dim 16 --hidden-dim 32 --queue-length 128 --queue-start-epoch 0"),
+    # per-rank queues (128 = 2 global batches: used from step 2), distributed Sinkhorn, 2 local crops
+    "swav": (
+        "swav.py",
+        "--prototypes 16 --dim 16 --hidden-dim 32 --queue-length 128 --queue-start-epoch 0 --local-crops 2",
+    ),
 }
 
 
