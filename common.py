@@ -1417,11 +1417,15 @@ class LARS(torch.optim.Optimizer):
       lr_in_momentum=True  (SimCLR lars_optimizer.py with classic_momentum=True, its default, which
           model_util.py get_optimizer keeps):    v <- m*v + lr*t*g;    w <- w - v
     `clip` (LARC's clip mode, as solo-learn's CIFAR recipes use with eta 0.02): t <- min(t / lr, 1), so each
-    tensor steps with lr * t = min(eta*||w||/||g||, lr). No host syncs."""
+    tensor steps with lr * t = min(eta*||w||/||g||, lr). `larc` (SwAV: apex/parallel/LARC.py, which main_swav.py
+    wraps around SGD; solo-learn's solo/utils/lars.py is the same): the decay enters the denominator, from the
+    raw gradient: t = eta*||w|| / (||g|| + wd*||w|| + 1e-8), then g <- t*(g + wd*w). No host syncs."""
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False, lr_in_momentum=False):
+    def __init__(
+        self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False, lr_in_momentum=False, larc=False
+    ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip, lars_exclude=False)
-        defaults["lr_in_momentum"] = lr_in_momentum
+        defaults |= dict(lr_in_momentum=lr_in_momentum, larc=larc)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -1433,8 +1437,9 @@ class LARS(torch.optim.Optimizer):
                     continue
                 g = p.grad.add(p, alpha=group["weight_decay"])
                 if not group["lars_exclude"]:
-                    w_norm, g_norm = p.norm(), g.norm()
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                    w_norm, g_norm = p.norm(), (p.grad if group.get("larc") else g).norm()
+                    denom = g_norm + group["weight_decay"] * w_norm + 1e-8 if group.get("larc") else g_norm
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / denom, 1.0)
                     if group["clip"] and lr > 0:  # LARC "clip" mode: the step is lr * min(trust/lr, 1)
                         trust = (trust / lr).clamp(max=1.0)
                     g = g.mul(trust)

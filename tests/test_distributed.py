@@ -8,7 +8,10 @@
 - test_ranks_stay_in_step: each method file (SimSiam, BYOL, SimCLR v2, MoCo v2 and v3) for 2 steps; every rank's
   checksum of its weights (`rank_checksums` in ckpt.pt) is the same;
 - test_resume_under_torchrun_is_exact: SimSiam and MoCo v2 (a per-rank augmentation RNG, and the queue), 4 steps
-  straight against 2 + resume + 2: bitwise the same model, queue and optimizer, and ranks in step.
+  straight against 2 + resume + 2: bitwise the same model, queue and optimizer, and ranks in step; SwAV the same,
+  with each rank's own queue in ckpt.pt;
+- test_swav_codes_match_one_process_with_the_union_of_the_queues (tests/dist_swav.py): SwAV's Sinkhorn codes of
+  each rank's share against one process on the global batch with both ranks' queues.
 
 Deliberate bugs seen to fail: byol.py without its DistributedDataParallel wrap (test_ranks_stay_in_step[byol]:
 the checksums differ); every rank restoring rank 0's augmentation RNG on resume (test_resume_..._exact[simsiam]);
@@ -17,6 +20,7 @@ MoCo enqueueing only its own rank's keys (test_resume_..._exact[moco-v2]: the ch
 
 import dist_methods
 import dist_simsiam
+import dist_swav
 import pytest
 import torch
 from conftest import REPO, assert_resume_is_exact, checkpoint, run_script
@@ -60,6 +64,11 @@ METHODS = {
     "simclr-v2": ("simclr.py", "--version v2 --dim 32"),  # negatives gathered with gradient through DDP
     "moco-v2": ("moco.py", "--version v2 --dim 32 --hidden-dim 64 --queue-size 512"),  # Shuffling BN, the queue
     "moco-v3": ("moco.py", "--version v3 --dim 32 --hidden-dim 64"),  # keys gathered, labels offset by rank
+    # per-rank queues (128 = 2 global batches: used from step 2), distributed Sinkhorn, 2 local crops
+    "swav": (
+        "swav.py",
+        "--prototypes 16 --dim 16 --hidden-dim 32 --queue-length 128 --queue-start-epoch 0 --local-crops 2",
+    ),
 }
 
 
@@ -80,7 +89,7 @@ def test_ranks_stay_in_step(tmp_path, method):
     assert_ranks_in_step(tmp_path, 2)
 
 
-@pytest.mark.parametrize("method", ["simsiam", "moco-v2"])
+@pytest.mark.parametrize("method", ["simsiam", "moco-v2", "swav"])
 def test_resume_under_torchrun_is_exact(tmp_path, method):
     script, flags = METHODS[method]
     run = assert_resume_is_exact(script, f"{flags} {SMALL}", tmp_path, n=4, k=2, torchrun=2)
@@ -88,3 +97,15 @@ def test_resume_under_torchrun_is_exact(tmp_path, method):
     assert assert_ranks_in_step(tmp_path / "resumed", 4)["rank_checksums"] == ckpt["rank_checksums"]
     if method == "moco-v2":  # 4 steps of 64 keys, every rank's, in the queue; one BN split per process
         assert int(ckpt["model"]["queue_ptr"]) == 4 * 64 and ckpt["config"]["bn_splits"] == 1
+    if method == "swav":  # every rank's own queue, (rank, 2 assigned crops, 128 / 2, dim), full of unit vectors
+        queue = ckpt["queue"]
+        assert queue.shape == (2, 2, 64, 16) and not torch.equal(queue[0], queue[1])
+        torch.testing.assert_close(queue.norm(dim=-1), torch.ones(2, 2, 64))
+
+
+def test_swav_codes_match_one_process_with_the_union_of_the_queues(tmp_path):
+    out = tmp_path / "dist.pt"
+    r = run_script(REPO / "tests" / "dist_swav.py", out, torchrun=2, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    codes = torch.load(out, weights_only=True)["codes"]
+    torch.testing.assert_close(codes, dist_swav.single_process_reference(), rtol=1e-5, atol=1e-6)

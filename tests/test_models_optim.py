@@ -181,6 +181,35 @@ def test_lars_two_steps_by_hand(lr_in_momentum, clip):
         assert clipped == [False, True]  # the clip is exercised once and idle once
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_larc_two_steps_by_hand(clip):
+    """LARS(larc=True), SwAV's optimizer: apex/parallel/LARC.py around torch SGD (and solo-learn's lars.py):
+    t = eta ||w|| / (||g|| + wd ||w|| + 1e-8) from the raw gradient, d = t (g + wd w) (clip: t <- min(t / lr, 1)),
+    v = m v + d, w -= lr v; two steps with an lr change, against the update written out in float64."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    grads = [torch.randn(3, 4, generator=g, dtype=torch.float64)]
+    grads.append(grads[0] * 0.01)  # step 2: a small gradient -> a large trust ratio
+    lrs, m, wd, eta = (0.5, 0.02), 0.9, 0.5, 0.02  # a large wd, so that where it enters the trust ratio shows
+    weight = nn.Parameter(w0.clone())
+    opt = C.LARS([{"params": [weight], "weight_decay": wd}], momentum=m, eta=eta, clip=clip, larc=True)
+    w, v, clipped = w0.clone(), torch.zeros_like(w0), []
+    for gw, lr in zip(grads, lrs):
+        weight.grad = gw.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        trust = eta * w.norm() / (gw.norm() + wd * w.norm() + 1e-8)
+        if clip:
+            clipped.append(bool(trust > lr))
+            trust = min(trust, lr) / lr
+        v = m * v + trust * (gw + wd * w)
+        w = w - lr * v
+        torch.testing.assert_close(weight.detach(), w, rtol=1e-12, atol=1e-12)
+    if clip:
+        assert clipped == [False, True]
+
+
 # ---- each method's optimizer and lr, ImageNet recipe --------------------------------------------------------------
 def _groups_by_name(model, optimizer):
     names = {id(p): n for n, p in model.named_parameters()}

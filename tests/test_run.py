@@ -26,6 +26,7 @@ METHODS = [
     "dino.py",
     "instdisc.py",
     "cmc.py",
+    "swav.py",
 ]
 TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "simsiam.py": "--dim 64 --pred-dim 16",
@@ -37,6 +38,7 @@ TINY = {  # the smallest heads each method takes: CPU runs of a few steps
     "dino.py": "--out-dim 32 --hidden-dim 64 --bottleneck-dim 16 --local-crops 1",
     "instdisc.py": "--dim 32 --nce-k 16",
     "cmc.py": "--dim 16 --nce-k 16",
+    "swav.py": "--dim 16 --hidden-dim 32 --prototypes 16",
 }
 
 # Every numeric flag of every method file: values refused at parse time, and boundary values accepted.
@@ -91,6 +93,14 @@ FLAG_VALUES = {
     "nce_k": (["-1", "2.5"], ["0"]),
     "nce_t": (["0", "-0.1"], ["0.07"]),
     "nce_m": (["-0.1", "1.5"], ["0", "1"]),
+    "start_warmup": (["-0.1"], ["0"]),
+    "final_lr": (["-0.1"], ["0"]),
+    "epsilon": (["0", "0.01", "101"], ["0.02", "100"]),
+    "sinkhorn_iterations": (["0"], ["1"]),
+    "prototypes": (["0"], ["1"]),
+    "queue_length": (["-1"], ["0"]),
+    "queue_start_epoch": (["-1"], ["0"]),
+    "freeze_prototypes_epochs": (["-1"], ["0", "0.5"]),
 }
 
 
@@ -174,6 +184,7 @@ OVERFLOW = {
     "dino.py": "--wd 1e30 --optimizer sgd",
     "instdisc.py": "--wd 1e30",
     "cmc.py": "--wd 1e30",
+    "swav.py": "--lars-eta 1e30 --no-lars-clip --warmup-epochs 0",  # the warmup starts at --start-warmup
 }
 
 
