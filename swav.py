@@ -42,6 +42,7 @@ from common import (
     TrainLoader,
     UserError,
     ViewAug,
+    alignment_uniformity,
     autocast_for,
     build_backbone,
     check_finite,
@@ -308,6 +309,7 @@ def main():
     if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(env.device, memory_format=torch.channels_last)
+    embed = nn.Sequential(model.backbone, model.projector)  # z, the output the loss sees (alignment, uniformity)
     optimizer = make_optimizer(model, args)  # LARC over SGD
     train_model = torch.compile(model) if args.compile else model
     if env.world_size > 1:
@@ -433,6 +435,7 @@ def main():
             row = {"epoch": epoch, "step": step} | diagnostics()
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(model.backbone, data, env, args, autocast)
+                row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
             logger.write([row])
             logger.print(json.dumps(row))
             save()
@@ -445,6 +448,7 @@ def main():
         row |= diagnostics()
     if args.eval_every >= 0:
         row |= evaluate(model.backbone, data, env, args, autocast, linear=True)
+        row |= alignment_uniformity(embed, data, loader.views, env, autocast, workers=args.workers)
     logger.write([row])
     logger.print(json.dumps(row))
 
