@@ -6,7 +6,7 @@ trainable prototypes C (unit vectors): z_t . C. The codes q_s of the assigned (g
 soft clustering of the global batch, computed without gradient by three Sinkhorn-Knopp iterations (Sec. 3.1,
 Eq. 3: Q* = Diag(u) exp(C^T Z / eps) Diag(v), every prototype given the same share of the batch). Swapped
 prediction (Eq. 1-2): each other crop t must predict the code of crop s,
-    L = sum_{s assigned} mean_{t != s} -sum_k q_s,k log softmax_k(z_t . C / tau)
+    L = mean_{s assigned} mean_{t != s} -sum_k q_s,k log softmax_k(z_t . C / tau)
 Multi-crop (Sec. 3.2): 2 global crops plus N small local crops, which are cheap and are only predicted from.
 No negatives and no momentum encoder: the equipartition of the codes prevents collapse. A queue of past
 embeddings fills the Sinkhorn batch when the batch is small. Closest sibling: `diff swav.py dino.py` (DINO's
@@ -215,8 +215,13 @@ class SwAV(nn.Module):
             if end == len(crops) or crops[end].shape[-1] != crops[start].shape[-1]:
                 h.append(self.backbone(torch.cat(crops[start:end])))
                 start = end
-        z = F.normalize(self.projector(torch.cat(h)), dim=1)  # (crops * N, dim)
-        return z, self.prototypes(z)  # scores z . C: (crops * N, K)
+        z = self.projector(torch.cat(h))
+        # Scores z . C: (crops * N, K) in float32 whatever the autocast dtype (128 x K: cheap), so the codes and
+        # the loss see unrounded scores. Deviation: main_swav.py's apex O1 computes them in fp16; bf16 would
+        # round them 8x more coarsely, and exp(s / eps) at eps 0.05 magnifies that.
+        with torch.autocast(z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=1)  # (crops * N, dim)
+            return z, self.prototypes(z)
 
     @torch.no_grad()
     def normalize_prototypes(self):
