@@ -440,6 +440,8 @@ def main():
             logger.restart_clock()
 
     # ---- EVAL AND SAVE -----------------------------------------------------------------------------------
+    # No eval/alignment, eval/uniformity (issue 13): CPC has no two views whose embeddings the loss pulls together,
+    # and two draws of its image-level view are the same image for v2 on small data (README).
     save()
     row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:
