@@ -29,7 +29,8 @@ value open is marked "Deviation:" and listed in the README.
 
 Result on the built-in shapes, CPU, tiny backbone: `python cpc.py --max-steps 100` (100 of the demo's 936 steps)
 reaches kNN top-1 38.8% (linear probe 84.8%) against 27.1% (65.8%) for its random init evaluated the same way
-(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%). GPU numbers are still to be measured.
+(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%), measured when v2 predicted down and up only; with the four
+directions now, seed 0 is re-checked by tests/test_cpc.py::test_it_learns. GPU numbers are still to be measured.
 """
 
 import argparse
