@@ -1,5 +1,5 @@
 """CPC: Representation Learning with Contrastive Predictive Coding. van den Oord, Li & Vinyals, arXiv:1807.03748
-(v1, Sec. 3.3 on images). v2: Data-Efficient Image Recognition with Contrastive Predictive Coding, Hénaff et al.,
+(v1, Sec. 3.2 on images). v2: Data-Efficient Image Recognition with Contrastive Predictive Coding, Hénaff et al.,
 ICML 2020, arXiv:1905.09272 (Sec. 2-4, App. A.2).
 
 Each image is cut into an overlapping G x G grid of patches x_ij; an encoder f maps every patch to a vector, mean-
@@ -9,10 +9,12 @@ below, t_{i+k,j} = T(z_{i+k,j}) (a 1x1 conv), and InfoNCE (v1 Eq. 4) makes it pi
 target of the global batch (all positions of all images):
     L = - sum_k mean_{i,j,n} log exp(p^k_ij . t_{i+k,j}) / sum_{t in batch} exp(p^k_ij . t),   p^k_ij = W_k c_ij
 Under torchrun the targets are gathered from every process WITH their gradient (as simclr.py gathers z).
---version v2 (default; arXiv:1905.09272): LayerNorm in place of BatchNorm in the encoder (BN leaks information
-between the patches of one image), patch augmentation (colour dropping, flip, a random crop inside each patch),
-offsets +3..+5 (App. A.2) and predictions upwards as well. --version v1: BatchNorm, no patch augmentation,
-offsets +1..+5, downwards only.
+--version v2 (default; arXiv:1905.09272): LayerNorm in the encoder (BN would leak information between the patches
+of one image), patch augmentation (colour dropping, flip, a random crop inside each patch), offsets +3..+5
+(App. A.2) and predictions in four directions (down, up, right, left: "up to four times as many prediction
+tasks"). --version v1 (Sec. 3.2): no normalisation in the encoder ("We did not use Batch-Norm"), each image
+flipped with p 0.5 and made greyscale, each patch a random (p - p/16)-side window padded back, offsets +1..+5,
+downwards only.
 Closest sibling: `diff cpc.py simclr.py` (SimCLR's positive is a second view of the image, CPC's a patch further
 down it). Evaluation: kNN and linear probe on the mean of the un-augmented grid's patch latents. No official code
 was released: this file follows the papers, the v2 pseudo-code (App. A.2) and the public ports it cites
@@ -27,7 +29,8 @@ value open is marked "Deviation:" and listed in the README.
 
 Result on the built-in shapes, CPU, tiny backbone: `python cpc.py --max-steps 100` (100 of the demo's 936 steps)
 reaches kNN top-1 38.8% (linear probe 84.8%) against 27.1% (65.8%) for its random init evaluated the same way
-(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%). GPU numbers are still to be measured.
+(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%), measured when v2 predicted down and up only; with the four
+directions now, seed 0 is re-checked by tests/test_cpc.py::test_it_learns. GPU numbers are still to be measured.
 """
 
 import argparse
@@ -117,15 +120,20 @@ parser.add_argument(
 parser.add_argument("--target-dim", type=positive_int, default=64, help="targets t = 1x1 conv(z) (App. A.2: 64)")
 parser.add_argument("--context-dim", type=positive_int, default=None, help="PixelCNN bottleneck (recipe; A.2: 256)")
 
-# ImageNet: 256-px crops cut into 64-px patches at stride 32, a 7 x 7 grid (v1 Sec. 3.3, v2 Sec. 4.1); kNN as DINO.
-# Deviation: no official code; ResNet-50 as the deepul port (v2 uses a ResNet-161, v1 a ResNet-v2-101), Adam at
-# lr 2e-4 (the v1 value quoted by the ports, unconfirmed), batch 512, 200 epochs, cosine: the sources leave these open.
+# ImageNet: 256-px crops cut into 64-px patches at stride 32, a 7 x 7 grid (v1 Sec. 3.2); Adam lr 2e-4, batch 512
+# (v1 Sec. 3.2: 32 GPUs x 16); kNN as DINO. Deviation: v2 uses the same 64/32 geometry here; v2's own patch size
+# and stride (recalled as 80-px patches, not verified against the paper's body) are not followed. Deviation: a
+# post-activation torchvision ResNet-50, all four stages (as the deepul port; v1: the first three stacks of a
+# ResNet-v2-101, v2: a ResNet-161 third stack); 200 epochs and the cosine schedule: the sources leave these open.
 IMAGENET = dict(arch="resnet50", image_size=256, epochs=200, batch_size=512, lr=2e-4, wd=0.0, betas=(0.9, 0.999))
 IMAGENET |= dict(eps=1e-8, context_dim=256, knn_k=20, knn_t=0.07)
 # pl_bolts cpc_module.py (CIFAR-10): 8-px patches at stride 4 of 32 px (7 x 7), Adam betas (0.8, 0.999), eps 1e-7,
 # wd 1e-5, lr 4e-5, batch 64, 1000 epochs; kNN k 200, T 0.1 (InstDisc). Deviation: a CIFAR ResNet-18 encoder (the
 # CIFAR stem on 8-px patches; pl_bolts uses its ResNet-101 variant), to keep (B * 49)^2 logits per offset and the
-# encoder within one GPU.
+# encoder within one GPU. Deviation: pl_bolts' image-level augmentation (flip, RandomTranslateWithReflect(4) p 0.8,
+# ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale p 0.25, no per-patch augmentation) is replaced by the paper's
+# per-patch one, its constant lr by a cosine, and its STL-10 recipe (lr 1e-4, batch 144, RandomResizedCrop 64 with
+# scale (0.3, 1)) by the CIFAR values on a 64-px whole image: we follow the papers' augmentation over the port's.
 SMALL = dict(arch="resnet18", epochs=1000, batch_size=64, lr=4e-5, wd=1e-5, betas=(0.8, 0.999), eps=1e-7)
 SMALL |= dict(context_dim=256, knn_k=200, knn_t=0.1)
 # `python cpc.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
@@ -133,15 +141,16 @@ SMALL |= dict(context_dim=256, knn_k=200, knn_t=0.1)
 # +1 (v2: +1..+3): with v2's +3..+5 kNN fell below the random init's after 100 steps (README), so the demo learns.
 BUILTIN = dict(epochs=3, batch_size=32, lr=2e-3, context_dim=32, steps_to_ignore=0)
 RECIPES = {
-    # v1 Sec. 3.3: "predict up to five rows" below: offsets +1..+5. BatchNorm in the encoder.
+    # v1 Sec. 3.2: "predict up to five rows" below: offsets +1..+5. No normalisation in the encoder.
     "v1": {
         "imagenet": IMAGENET | dict(steps_to_ignore=0, steps_to_predict=5),
         "small": SMALL | dict(steps_to_ignore=0, steps_to_predict=5),
         "builtin": BUILTIN,
     },
     # v2 App. A.2: steps_to_ignore 2, steps_to_predict 3. Its printed `range(steps_to_ignore, steps_to_predict)`
-    # would give one offset; we read it as the deepul port does (deepul_helper/tasks/cpc.py: rows +3, +4, +5), the
-    # first rows whose 64-px patches share no pixel with row i. LayerNorm in the encoder (Sec. 4.1).
+    # would give one offset; we read it as the deepul port does (deepul_helper/tasks/cpc.py: rows +3, +4, +5).
+    # (With 64-px patches at stride 32, row +2 already shares no pixel with row i; +3 is the first with a gap.)
+    # LayerNorm in the encoder (Sec. 4.1).
     "v2": {
         "imagenet": IMAGENET | dict(steps_to_ignore=2, steps_to_predict=3),
         "small": SMALL | dict(steps_to_ignore=2, steps_to_predict=3),
@@ -149,15 +158,20 @@ RECIPES = {
     },
 }
 EMB_SCALE = 0.1  # App. A.2: predictions are 0.1 * W_k(c); no temperature
+# (axis of the grid, sign): down = rows below (i + k), up, right = columns to the right (j + k), left.
+DIRECTIONS = {"v1": [(2, 1)], "v2": [(2, 1), (2, -1), (3, 1), (3, -1)]}
 
 
 # ---- AUGMENTATION RECIPE -----------------------------------------------------------------------------------
-def view_recipe(size, small):
-    """The image-level view the grid is cut from: a crop and no colour change (colour and flips happen per patch).
-    ImageNet (v1 Sec. 3.3): a random 256 x 256 crop of the image resized to 300 x 300, here a square crop of 73%
-    of the area ((256/300)^2) resized to `size`. Small images: the whole image (pl_bolts crops STL-10 to 64 px)."""
+def view_recipe(size, small, version):
+    """The image-level view the grid is cut from. ImageNet (v1 Sec. 3.2): a random 256 x 256 crop of the image
+    resized to 300 x 300, here a square crop of 73% of the area ((256/300)^2) resized to `size`. Small images: the
+    whole image (Deviation: pl_bolts crops STL-10 with RandomResizedCrop 64, scale (0.3, 1)). v1 Sec. 3.2: the
+    image flipped with p 0.5 and converted to greyscale (3 equal channels); v2: no colour change or flip here
+    (both happen per patch)."""
     scale = (1.0, 1.0) if small else ((256 / 300) ** 2,) * 2
-    return [ViewAug(size, scale=scale, ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0)]
+    flip_p, gray_p = (0.5, 1.0) if version == "v1" else (0.0, 0.0)
+    return [ViewAug(size, scale=scale, ratio=(1.0, 1.0), flip_p=flip_p, jitter_p=0.0, gray_p=gray_p)]
 
 
 def patch_grid(x, patch, stride):
@@ -166,19 +180,22 @@ def patch_grid(x, patch, stride):
     return x.unfold(2, patch, stride).unfold(3, patch, stride).permute(0, 2, 3, 1, 4, 5)
 
 
-def augment_patches(patches, gen):
-    """v2 Sec. 4.1 patch augmentation, drawn per patch from `gen`, on normalised patches (M, C, p, p):
-    - colour dropping (Doersch et al. 2015): keep one random colour channel, the other two set to 0 (the mean);
-    - a horizontal flip with p 0.5;
-    - a random crop of side p - p/16 inside the patch, the rest set to 0 (deepul port: a random 60 x 60 crop of
-      each 64 x 64 patch, padded back to 64). Deviation: the papers' further augmentations (v2: colour jitter,
-      grayscale, elastic deformations) are left out."""
+def augment_patches(patches, gen, version="v2"):
+    """Patch augmentation, drawn per patch from `gen`, on normalised patches (M, C, p, p):
+    - v2 (Sec. 4.1): colour dropping (Doersch et al. 2015): keep one random colour channel, the other two set to 0
+      (Deviation: 0 is the mean; Doersch et al. fill the dropped channels with Gaussian noise);
+    - v2: a horizontal flip with p 0.5 per patch (our reading of the papers' "flip");
+    - v1 and v2: a random window of side p - p/16 inside the patch, the rest set to 0 (v1 Sec. 3.2: a random 60 x 60
+      crop of each 64 x 64 patch, padded back to 64; the deepul port does the same for v2).
+    Deviation: v2's further augmentations (colour jitter, grayscale, elastic deformations, and the others its
+    appendix lists) are left out."""
     m, c, p, _ = patches.shape
     dev = patches.device
-    keep = F.one_hot(torch.randint(c, (m,), device=dev, generator=gen), c).to(patches.dtype)
-    patches = patches * keep[:, :, None, None]
-    flip = torch.rand(m, device=dev, generator=gen) < 0.5
-    patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
+    if version == "v2":
+        keep = F.one_hot(torch.randint(c, (m,), device=dev, generator=gen), c).to(patches.dtype)
+        patches = patches * keep[:, :, None, None]
+        flip = torch.rand(m, device=dev, generator=gen) < 0.5
+        patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
     side = p - max(1, p // 16)
     top, left = torch.randint(p - side + 1, (2, m, 1), device=dev, generator=gen)
     pos = torch.arange(p, device=dev)
@@ -215,27 +232,32 @@ class PixelCNN(nn.Module):
 
 class CPC(nn.Module):
     """Patch encoder f (backbone), context network g_ar, target map T (1x1 conv) and one prediction map W_k per
-    offset and direction (1x1 convs, App. A.2: `ctx2pred`, not shared across offsets as pl_bolts' loss does).
-    v2 also predicts upwards: the same g_ar runs over the grid turned upside down, so that c_ij sees rows >= i.
-    Deviation: the papers do not say how the upward context is computed; sharing g_ar is our choice."""
+    offset and direction (1x1 convs, one per offset as App. A.2's loop over k; not shared across offsets as
+    pl_bolts' loss does). Directions (axis, sign) as DIRECTIONS: v2 also predicts up, right and left: the same g_ar
+    runs over the grid turned upside down (c_ij sees rows >= i), transposed (columns <= j) or both (columns >= j).
+    Deviation: the papers do not say how the other contexts are computed; sharing g_ar is our choice."""
 
-    def __init__(self, backbone, offsets, up, target_dim=64, context_dim=256):
+    def __init__(self, backbone, offsets, directions, target_dim=64, context_dim=256):
         super().__init__()
-        self.backbone, self.offsets, self.up = backbone, offsets, up
+        self.backbone, self.offsets, self.directions = backbone, offsets, directions
         d = backbone.out_dim
         self.context = PixelCNN(d, context_dim)
         self.target = nn.Conv2d(d, target_dim, 1)
-        self.predictors = nn.ModuleList(nn.Conv2d(d, target_dim, 1) for _ in range(len(offsets) * (1 + up)))
+        self.predictors = nn.ModuleList(nn.Conv2d(d, target_dim, 1) for _ in range(len(offsets) * len(directions)))
+
+    def directed_context(self, z, axis, sign):
+        """g_ar over the grid turned so that its rows run along `axis` in the direction `sign`, turned back."""
+        z = z.transpose(2, 3) if axis == 3 else z
+        c = self.context(z.flip(2)).flip(2) if sign < 0 else self.context(z)
+        return c.transpose(2, 3) if axis == 3 else c
 
     def forward(self, patches):
         """patches (N, G, G, C, p, p) -> predictions (K, N, target_dim, G, G) for each (direction, offset) in
-        order (down k1, ..., up k1, ...), targets (N, target_dim, G, G)."""
+        order (direction 1: k1, k2, ...; direction 2: ...), targets (N, target_dim, G, G)."""
         n, g = patches.shape[:2]
         z = self.backbone(patches.flatten(0, 2).contiguous(memory_format=torch.channels_last))  # (N*G*G, D)
         z = z.view(n, g, g, -1).permute(0, 3, 1, 2)  # (N, D, G, G): z_ij, mean-pooled by the backbone
-        contexts = [self.context(z)] * len(self.offsets)
-        if self.up:
-            contexts += [self.context(z.flip(2)).flip(2)] * len(self.offsets)
+        contexts = [c for a, s in self.directions for c in [self.directed_context(z, a, s)] * len(self.offsets)]
         preds = torch.stack([EMB_SCALE * w(c) for w, c in zip(self.predictors, contexts)])
         return preds, self.target(z)
 
@@ -256,37 +278,42 @@ class GridEncoder(nn.Module):
 def make_backbone(args, small):
     """The patch encoder f. v2 Sec. 4.1: LayerNorm in place of BatchNorm (BN statistics mix the patches of one
     image, which the task can exploit); as a GroupNorm with one group, i.e. LayerNorm over (C, H, W) with a scale
-    and offset per channel. v1 keeps BatchNorm."""
-    norm = (lambda c: nn.GroupNorm(1, c)) if args.version == "v2" else None
+    and offset per channel. v1 Sec. 3.2: no normalisation ("We did not use Batch-Norm"): nn.Identity where the
+    ResNet has BN, so backbone.pt loads into torchvision's resnet(norm_layer=lambda c: nn.Identity()) (no bn keys)."""
+    norm = (lambda c: nn.GroupNorm(1, c)) if args.version == "v2" else (lambda c: nn.Identity())
     return build_backbone(args.arch, args.patch_size, small, norm_layer=norm)
 
 
 def make_optimizer(model, args):
-    """Adam (pl_bolts; v1 App.: Adam), weight decay on every weight as torch.optim.Adam applies it."""
+    """Adam (v1 Sec. 3.2; pl_bolts), weight decay on every weight as torch.optim.Adam applies it."""
     return torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.wd)
 
 
 def learning_rate(step, steps_per_epoch, args):
-    """Deviation: a per-step cosine from --lr to 0 without warmup; the sources leave the schedule open."""
+    """Deviation: a per-step cosine from --lr to 0 without warmup; the papers do not give a schedule and pl_bolts
+    keeps the lr constant."""
     return cosine_lr(step, args.epochs * steps_per_epoch, args.lr)
 
 
 # ---- LOSS --------------------------------------------------------------------------------------------------
-def cpc_loss(preds, targets, offsets, up):
+def cpc_loss(preds, targets, offsets, directions):
     """InfoNCE (v1 Eq. 4, v2 App. A.2): each prediction p^k_ij scores against every target of the global batch
     (every position of every image of every process, gathered WITH gradient); its positive is the target at
-    (i + k, j) of its own image (up: (i - k, j)). The loss is the sum over (direction, offset) of the mean over the
-    local predictions; with DDP averaging gradients this is the one-process global-batch gradient (simclr.py)."""
+    (i + k, j) of its own image (up: (i - k, j); right, left: (i, j +- k)). The loss is the sum over (direction,
+    offset) of the mean over the local predictions; with DDP averaging gradients this is the one-process
+    global-batch gradient (simclr.py). Deviation: the papers do not say which targets are the negatives (the deepul
+    port uses its process's batch); we use the whole global batch, so the loss does not depend on the process count."""
     n, d, g, _ = targets.shape
     big = gather(targets.permute(0, 2, 3, 1).reshape(-1, d), grad=True)  # (W*N*G*G, d): row (n, i, j)
     index = torch.arange(n * g * g, device=targets.device).view(n, g, g) + process_rank() * n * g * g
     loss = 0.0
-    directions = [1, -1] if up else [1]
-    for p, (sign, k) in zip(preds, [(s, k) for s in directions for k in offsets]):
-        if sign > 0:  # rows 0..G-k-1 predict rows k..G-1
-            p, labels = p[:, :, : g - k], index[:, k:]
-        else:  # rows k..G-1 predict rows 0..G-k-1
-            p, labels = p[:, :, k:], index[:, : g - k]
+    for p, ((axis, sign), k) in zip(preds, [(d, k) for d in directions for k in offsets]):
+        # sign > 0: rows (columns) 0..G-k-1 predict rows k..G-1; sign < 0: k..G-1 predict 0..G-k-1
+        src, dst = (slice(None, g - k), slice(k, None)) if sign > 0 else (slice(k, None), slice(None, g - k))
+        if axis == 2:
+            p, labels = p[:, :, src], index[:, dst]
+        else:
+            p, labels = p[:, :, :, src], index[:, :, dst]
         logits = p.permute(0, 2, 3, 1).reshape(-1, d) @ big.T  # (N*(G-k)*G, W*N*G*G)
         loss = loss + F.cross_entropy(logits, labels.reshape(-1))
     return loss
@@ -302,7 +329,7 @@ def main():
     recipe = pick_recipe(RECIPES[args.version], data, env, args)
     small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem
     args.patch_size = args.patch_size or max(1, args.image_size // 4)
-    stride = max(1, args.patch_size // 2)  # half-overlapping patches (v1 Sec. 3.3: 64 px at stride 32)
+    stride = max(1, args.patch_size // 2)  # half-overlapping patches (v1 Sec. 3.2: 64 px at stride 32)
     offsets = list(range(args.steps_to_ignore + 1, args.steps_to_ignore + args.steps_to_predict + 1))
     grid = (args.image_size - args.patch_size) // stride + 1 if args.patch_size <= args.image_size else 0
     if grid <= offsets[-1]:
@@ -315,12 +342,10 @@ def main():
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 
     # ---- DATA, MODEL, OPTIMIZER --------------------------------------------------------------------------
-    views = view_recipe(args.image_size, small)
+    views = view_recipe(args.image_size, small, args.version)
     loader = TrainLoader(data, views, args.batch_size, env, args.seed, args.workers)
     backbone = make_backbone(args, small)
-    model = CPC(backbone, offsets, args.version == "v2", args.target_dim, args.context_dim)
-    if env.world_size > 1 and env.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # v1's BN over the global batch (v2 has none)
+    model = CPC(backbone, offsets, DIRECTIONS[args.version], args.target_dim, args.context_dim)  # no BN: no SyncBN
     model = model.to(env.device, memory_format=torch.channels_last)
     encoder = GridEncoder(model.backbone, args.patch_size, stride)  # evaluation: mean-pooled un-augmented grid
     optimizer = make_optimizer(model, args)
@@ -372,7 +397,7 @@ def main():
     logger, stop = Logger(out, env, last_step, args.batch_size, step), StopSignal()  # drops rows of steps to redo
     logger.print(
         f"cpc {args.version}: {data.describe(recipe)}, {grid} x {grid} grid of {args.patch_size}-px patches at "
-        f"stride {stride}, offsets {offsets}{' and upwards' if args.version == 'v2' else ''}, {steps_per_epoch} "
+        f"stride {stride}, offsets {offsets}{' in 4 directions' if args.version == 'v2' else ''}, {steps_per_epoch} "
         f"steps/epoch, {env.world_size} process(es) on {env.device}, starting at step {step}\n{json.dumps(config)}"
     )
     if env.is_main:
@@ -385,12 +410,12 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             patches = patch_grid(x, args.patch_size, stride)  # (N, G, G, C, p, p)
-            if args.version == "v2":  # Sec. 4.1: every patch augmented on its own
-                patches = augment_patches(patches.flatten(0, 2), loader.gen).view(patches.shape)
+            # v1 Sec. 3.2, v2 Sec. 4.1: every patch augmented on its own
+            patches = augment_patches(patches.flatten(0, 2), loader.gen, args.version).view(patches.shape)
             with autocast():  # z = f(x_ij), c = g_ar(z), p^k = W_k c, t = T(z)
                 preds, targets = train_model(patches)
             # InfoNCE over the global batch's targets, in float32 whatever the autocast dtype.
-            loss = cpc_loss(preds.float(), targets.float(), offsets, args.version == "v2")
+            loss = cpc_loss(preds.float(), targets.float(), offsets, DIRECTIONS[args.version])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -416,6 +441,8 @@ def main():
             logger.restart_clock()
 
     # ---- EVAL AND SAVE -----------------------------------------------------------------------------------
+    # No eval/alignment, eval/uniformity (issue 13): CPC has no two views whose embeddings the loss pulls together,
+    # and two draws of its image-level view are the same image for v2 on small data (README).
     save()
     row = {"epoch": max(step - 1, 0) // steps_per_epoch, "step": step, "final": True}
     if stds:

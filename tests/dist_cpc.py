@@ -23,7 +23,7 @@ GLOBAL_BATCH, WORLD, OFFSETS = 4, 2, [1, 3]
 def make_model():
     torch.manual_seed(0)
     backbone = C.TinyNet(width=4, norm_layer=lambda c: nn.GroupNorm(1, c))
-    return P.CPC(backbone, OFFSETS, up=True, target_dim=8, context_dim=8)
+    return P.CPC(backbone, OFFSETS, P.DIRECTIONS["v2"], target_dim=8, context_dim=8)
 
 
 def make_patches():
@@ -34,7 +34,7 @@ def make_patches():
 
 def loss_of(net, patches):
     preds, targets = net(patches)
-    return P.cpc_loss(preds, targets, OFFSETS, up=True)
+    return P.cpc_loss(preds, targets, OFFSETS, P.DIRECTIONS["v2"])
 
 
 def single_process_reference():

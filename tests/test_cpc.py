@@ -56,6 +56,20 @@ def test_patch_augmentation_drops_colours_flips_and_crops_each_patch():
     assert 0.4 < descending.float().mean() < 0.6  # about half the patches mirrored
 
 
+def test_v1_patch_augmentation_only_crops_a_window():
+    """v1 Sec. 3.2: each patch keeps a random (p - p/16)-side window, every channel, unmirrored (colour and flip
+    are v1's image-level greyscale and flip, in view_recipe)."""
+    m, p = 200, 16
+    x = torch.arange(1.0, p + 1).expand(m, 3, p, p)
+    out = P.augment_patches(x, torch.Generator().manual_seed(0), "v1")
+    on = out != 0
+    assert torch.equal(out[on], x[on])  # kept pixels unchanged: no colour drop, no mirror
+    assert torch.equal(on.sum((1, 2, 3)), torch.full((m,), 3 * (p - p // 16) ** 2))
+    assert len({int(r.float().argmax()) for r in on[:, 0].any(2)}) == p // 16 + 1  # every window position
+    v1, v2 = P.view_recipe(32, True, "v1")[0], P.view_recipe(32, True, "v2")[0]
+    assert (v1.flip_p, v1.gray_p, v2.flip_p, v2.gray_p) == (0.5, 1.0, 0.0, 0.0)
+
+
 def test_context_network_is_causal():
     """c_ij depends on rows <= i only: a change in row r leaves rows i < r of the context unchanged and changes
     row r. The upward context (v2) is the mirror image: rows i > r unchanged."""
@@ -70,73 +84,88 @@ def test_context_network_is_causal():
         assert not torch.allclose(c[:, :, r], c2[:, :, r]), r
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_predictions_see_only_the_patches_they_may(version):
-    """Through the whole model (encoder, context, W_k): changing the patches of row r leaves the downward
-    predictions of rows < r and the upward predictions of rows > r unchanged, in training mode, with v2's
-    LayerNorm. v1's BatchNorm mixes every patch of the batch, so the change leaks into every row: why v2 drops it."""
+@pytest.mark.parametrize("norm", ["v1", "v2", "batchnorm"])
+def test_predictions_see_only_the_patches_they_may(norm):
+    """Through the whole model (encoder, context, W_k), in training mode: changing the patches of row (column) r
+    leaves the down (right) predictions of rows (columns) < r and the up (left) ones of rows (columns) > r
+    unchanged, with v2's LayerNorm and v1's encoder without normalisation. A BatchNorm encoder mixes every patch
+    of the batch, so the change leaks into every row: why v1 has no BN and v2 LayerNorm."""
 
     class Args:
-        arch, patch_size = "tiny", 8
+        arch, patch_size, version = "tiny", 8, norm
 
-    Args.version = version
     torch.manual_seed(0)
-    model = P.CPC(P.make_backbone(Args, small=True), [1, 2], up=True, target_dim=4, context_dim=4).train()
+    backbone = C.build_backbone("tiny", 8, True) if norm == "batchnorm" else P.make_backbone(Args, small=True)
+    model = P.CPC(backbone, [1, 2], P.DIRECTIONS["v2"], target_dim=4, context_dim=4).train()
     patches = P.patch_grid(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 8, 4)
     r = 4
-    patches2 = patches.clone()
-    patches2[:, r] += 1.0  # the patches of row r (every pixel lies in two rows of the grid: change the patches)
-    (preds, _), (preds2, _) = model(patches), model(patches2)
-    down_same = torch.equal(preds[:2, :, :, :r], preds2[:2, :, :, :r])
-    up_same = torch.equal(preds[2:, :, :, r + 1 :], preds2[2:, :, :, r + 1 :])
-    assert not torch.allclose(preds[:2, :, :, r], preds2[:2, :, :, r])
-    assert down_same == up_same == (version == "v2")
+    for axis in (1, 2):  # rows, then columns of the (N, G, G, ...) grid
+        patches2 = patches.clone()
+        patches2.select(axis, r).add_(1.0)  # every pixel lies in two rows of the grid: change the patches
+        (preds, _), (preds2, _) = model(patches), model(patches2)
+        fwd, bwd = (preds, preds2) if axis == 1 else (preds.transpose(3, 4), preds2.transpose(3, 4))
+        k = 0 if axis == 1 else 4  # down k1, k2, up k1, k2, right k1, k2, left k1, k2
+        before_same = torch.equal(fwd[k : k + 2, :, :, :r], bwd[k : k + 2, :, :, :r])
+        after_same = torch.equal(fwd[k + 2 : k + 4, :, :, r + 1 :], bwd[k + 2 : k + 4, :, :, r + 1 :])
+        assert not torch.allclose(fwd[k : k + 2, :, :, r], bwd[k : k + 2, :, :, r])
+        assert before_same == after_same == (norm != "batchnorm"), axis
 
 
-def reference_loss(preds, targets, offsets, up):
-    """v1 Eq. 4 / v2 App. A.2, one prediction at a time: for each direction and offset k, the mean over
-    predictions p^k_ij of the image n (rows with a row i +- k in the grid) of -log softmax over every target of
-    the batch, at the target (n, i +- k, j); summed over directions and offsets."""
+def reference_loss(preds, targets, offsets, steps):
+    """v1 Eq. 4 / v2 App. A.2, one prediction at a time: for each direction (di, dj) (down (1, 0), up (-1, 0),
+    right (0, 1), left (0, -1)) and offset k, the mean over the predictions p^k_ij of image n whose target
+    (i + k di, j + k dj) lies in the grid of -log softmax over every target of the batch, at that target; summed
+    over directions and offsets."""
     k_all, n, d, g, _ = preds.shape
     flat = [(b, i, j) for b in range(n) for i in range(g) for j in range(g)]
     total, m = 0.0, 0
-    for sign in [1, -1] if up else [1]:
+    for di, dj in steps:
         for k in offsets:
             losses = []
             for b in range(n):
                 for i in range(g):
-                    if not 0 <= i + sign * k < g:
-                        continue
                     for j in range(g):
+                        ti, tj = i + k * di, j + k * dj
+                        if not (0 <= ti < g and 0 <= tj < g):
+                            continue
                         p = [float(v) for v in preds[m, b, :, i, j]]
                         scores = [sum(a * float(t) for a, t in zip(p, targets[bb, :, ii, jj])) for bb, ii, jj in flat]
-                        pos = scores[flat.index((b, i + sign * k, j))]
+                        pos = scores[flat.index((b, ti, tj))]
                         losses.append(math.log(sum(math.exp(s) for s in scores)) - pos)
             total += sum(losses) / len(losses)
             m += 1
     return total
 
 
-@pytest.mark.parametrize("up", [False, True])
-def test_infonce_matches_the_slow_reference(up):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_infonce_matches_the_slow_reference(version):
     g = torch.Generator().manual_seed(0)
-    offsets = [1, 3]
-    preds = torch.randn(2 * (1 + up), 3, 4, 5, 5, generator=g, dtype=torch.float64)
+    offsets, directions = [1, 3], P.DIRECTIONS[version]
+    steps = {(2, 1): (1, 0), (2, -1): (-1, 0), (3, 1): (0, 1), (3, -1): (0, -1)}
+    preds = torch.randn(2 * len(directions), 3, 4, 5, 5, generator=g, dtype=torch.float64)
     targets = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
-    loss = P.cpc_loss(preds[: len(offsets) * (1 + up)], targets, offsets, up)
-    assert loss.item() == pytest.approx(reference_loss(preds, targets, offsets, up), rel=1e-9)
+    loss = P.cpc_loss(preds, targets, offsets, directions)
+    ref = reference_loss(preds, targets, offsets, [steps[d] for d in directions])
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
 
 
 def test_one_prediction_map_per_offset_and_direction_and_the_backbone_loads_into_torchvision():
     class Args:
         arch, patch_size, version = "resnet18", 8, "v2"
 
-    model = P.CPC(P.make_backbone(Args, small=True), [3, 4, 5], up=True, target_dim=8, context_dim=8)
-    assert len(model.predictors) == 6 and len({id(w.weight) for w in model.predictors}) == 6
+    model = P.CPC(P.make_backbone(Args, small=True), [3, 4, 5], P.DIRECTIONS["v2"], target_dim=8, context_dim=8)
+    assert len(model.predictors) == 12 and len({id(w.weight) for w in model.predictors}) == 12
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # v2: LayerNorm only
     net = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(1, c))
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem
     missing, unexpected = net.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    Args.version = "v1"  # no normalisation: loads into torchvision's ResNet built with nn.Identity norms
+    v1 = P.make_backbone(Args, small=True)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in v1.modules())
+    net = torchvision.models.resnet18(norm_layer=lambda c: nn.Identity())
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    missing, unexpected = net.load_state_dict(v1.state_dict(), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
@@ -155,7 +184,7 @@ def test_under_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_
 
 
 def _loads_into_tiny_net(run_dir, version):
-    norm = (lambda c: nn.GroupNorm(1, c)) if version == "v2" else None
+    norm = (lambda c: nn.GroupNorm(1, c)) if version == "v2" else (lambda c: nn.Identity())  # v1: no norm
     C.TinyNet(norm_layer=norm).load_state_dict(torch.load(run_dir / "backbone.pt", weights_only=True))
 
 
