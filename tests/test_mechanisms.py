@@ -196,7 +196,7 @@ def test_moco_loss_reads_the_queue_before_the_steps_keys_go_in(moco_run, case):
     assert pointers == [0, n, 2 * n] and 2 * n < len(queues[0])  # no wrap: every row a step wrote is new
     logged = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
     for t, step in enumerate(steps):
-        q1, q2, k1, k2, queue, tau = step["loss_args"]
+        q1, q2, k1, k2, queue, tau = step["loss_args"][:6]  # then the shares list
         assert torch.equal(queue, queues[t])  # the loss read the queue as the step found it
         loss = infonce_by_hand(q1, k2, queue, tau)
         if q2 is not None:
@@ -219,7 +219,7 @@ def test_moco_keys_come_from_split_bn_on_a_shuffled_batch(moco_run):
     steps, _ = moco_run("v1")
     step = steps[0]
     x1, x2 = step["views"]
-    q1, _, _, k2, _, _ = step["loss_args"]
+    q1, _, _, k2 = step["loss_args"][:4]
 
     def rebuilt(splits):
         norm = functools.partial(M.SplitBatchNorm, splits=splits) if splits > 1 else None
