@@ -450,7 +450,8 @@ def main():
             if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
                 row |= evaluate(BothViews(model), data, env, args, autocast)
                 row |= alignment_uniformity(embed, data, loader.views * 2, env, autocast, workers=args.workers)
-                # cifar.py:161 / main.py: the banks are the training set's features (no re-embedding)
+                # lemniscate's cifar.py:161 / main.py (CMC itself has no kNN monitor): the banks are the training
+                # set's features (no re-embedding)
                 row |= embedding_knn("eval/bank_knn_top1", embed, memory(), data, env, args, autocast)
             logger.write([row])
             logger.print(json.dumps(row))
@@ -466,7 +467,8 @@ def main():
         row |= evaluate(BothViews(model), data, env, args, autocast, linear=True)
         row |= alignment_uniformity(embed, data, loader.views * 2, env, autocast, workers=args.workers)
         row |= embedding_knn("eval/bank_knn_top1", embed, memory(), data, env, args, autocast)
-        # cifar.py:178 (test.py kNN with recompute_memory=1): the training set re-embedded without augmentation
+        # lemniscate's cifar.py:178 (test.py kNN with recompute_memory=1): the training set re-embedded without
+        # augmentation
         train_f = extract_features(
             embed, data.train, data, env, args.image_size, workers=args.workers, autocast=autocast
         )

@@ -9,11 +9,12 @@ a normalising constant Z estimated once from the first batch (Sec. 3.2):
     h(i, f) = P(i | f) / (P(i | f) + K / N)
     L = -log h(i, f_i) - sum_{k=1..K} log(1 - h(j_k, f_i)),   j_k ~ U{1..N}
 or, with --nce-k 0, the exact softmax over all N rows: L = -log softmax(V f_i / tau)_i. After the loss the
-bank moves towards the new features: v_i <- normalize(m v_i + (1 - m) f_i), m = 0.5 (Sec. 3.3; lemniscate's
-momentum). Closest sibling: `diff instdisc.py invaspread.py` (InvaSpread drops the bank and takes its
-negatives from the batch, with two views). Follows zhirongw/lemniscate.pytorch (main.py, cifar.py,
-lib/NCEAverage.py, lib/NCECriterion.py, lib/LinearAverage.py, lib/alias_multinomial.py, test.py); every
-deviation from it is marked "Deviation:" below and listed in the README.
+bank moves towards the new features: v_i <- normalize(m v_i + (1 - m) f_i), m = 0.5 (lemniscate's
+NCEAverage.py momentum, which stands in for the paper's Sec. 3.3 proximal term: lemniscate has none). Closest
+sibling: `diff instdisc.py invaspread.py` (InvaSpread drops the bank and takes its negatives from the batch,
+with two views). Follows zhirongw/lemniscate.pytorch (main.py, cifar.py, lib/NCEAverage.py, lib/NCECriterion.py,
+lib/LinearAverage.py, lib/alias_multinomial.py, test.py); every deviation from it is marked "Deviation:" below
+and listed in the README.
 
     python instdisc.py                                  # built-in shapes: a few minutes on a laptop CPU
     python instdisc.py --data cifar10                   # cifar.py / the README's CIFAR command (--nce-k 0)
@@ -112,7 +113,8 @@ parser.add_argument("--nce-m", type=in_range(0, 1), default=0.5, help="memory ba
 parser.add_argument("--schedule", default=None, choices=["imagenet", "cifar"], help="lr steps (recipe)")
 
 # main.py and its README command: ResNet-18, batch 256, SGD lr 0.03 (momentum 0.9, wd 1e-4), 200 epochs, lr x0.1
-# at epoch 120 and x0.01 at 160, NCE with K 4096, tau 0.07. kNN as DINO reports it (k 20, T 0.07).
+# at epoch 120 and x0.01 at 160, NCE with K 4096, tau 0.07. Deviation: kNN as DINO reports it (k 20, T 0.07), so
+# every method's ImageNet kNN compares; main.py / the paper use k 200 with sigma = tau (--knn-k 200 --knn-t 0.07).
 IMAGENET = dict(arch="resnet18", epochs=200, batch_size=256, lr=0.03, wd=1e-4, nce_k=4096, nce_t=0.07)
 IMAGENET |= dict(schedule="imagenet", knn_k=20, knn_t=0.07)
 RECIPES = {
@@ -346,7 +348,8 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # Sec. 3.3: the bank rows of the global batch (every rank's images) move towards the new features.
+            # NCEAverage.py's momentum update: the bank rows of the global batch (every rank's images) move
+            # towards the new features.
             bank.update(gather(f.float()), gather(idx))
             logger.step(step, epoch, loss, lr_now)
             stds.append(collapse_std(f))  # SimSiam Sec. 4.1: std of f/||f||; stays on the device

@@ -58,7 +58,8 @@ def reference_softmax(f, memory, idx, tau):
 
 
 def reference_update(memory, f, idx, m):
-    """Sec. 3.3 / NCEAverage.py: v_i <- (m v_i + (1 - m) f_i) / ||m v_i + (1 - m) f_i|| at the batch's rows."""
+    """NCEAverage.py (the paper's Sec. 3.3 proximal term is not in lemniscate):
+    v_i <- (m v_i + (1 - m) f_i) / ||m v_i + (1 - m) f_i|| at the batch's rows."""
     out = [list(map(float, v)) for v in memory]
     for fi, i in zip(f, idx):
         v = [m * float(a) + (1 - m) * float(b) for a, b in zip(memory[int(i)], fi)]
