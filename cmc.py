@@ -108,7 +108,9 @@ parser.add_argument("--knn-t", type=positive_float, default=None, help="kNN temp
 parser.add_argument("--dim", type=positive_int, default=128, help="embedding size of each view (--feat_dim)")
 parser.add_argument("--nce-k", type=nonnegative_int, default=None, help="noise rows K; 0: the whole bank (recipe)")
 parser.add_argument("--nce-t", type=positive_float, default=None, help="temperature tau (recipe)")
-parser.add_argument("--nce-m", type=in_range(0, 1), default=0.5, help="memory bank momentum m")
+parser.add_argument(
+    "--nce-m", type=in_range(0, 1, hi_open=True), default=0.5, help="memory bank momentum m (1 would freeze the bank)"
+)
 parser.add_argument(
     "--softmax",
     action=argparse.BooleanOptionalAction,

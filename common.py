@@ -95,10 +95,13 @@ def seed_int(text):
     return _checked(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")(text)
 
 
-def in_range(lo, hi, lo_open=False):
-    """A number in [lo, hi], or in (lo, hi] with `lo_open`."""
-    ok = (lambda v: lo < v <= hi) if lo_open else (lambda v: lo <= v <= hi)
-    return _checked(float, ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
+def in_range(lo, hi, lo_open=False, hi_open=False):
+    """A number in [lo, hi]; `lo_open` / `hi_open` leave out lo / hi."""
+
+    def ok(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return _checked(float, ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -691,8 +694,9 @@ def augment(x, view, gen, crop=True):
 
 
 def blur_kernel(size):
-    """Odd kernel side of about 10% of the image (SimCLR/BYOL): 23 px at 224, 3 px at 32."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+    """Odd kernel side of about 10% of the image (SimCLR/BYOL): 23 px at 224, 3 px at 32; 1 (no blur) for a 1-px
+    image, which reflect padding cannot pad."""
+    return min(max(3, int(0.1 * size) // 2 * 2 + 1), 2 * size - 1)
 
 
 def normalize(x, data):

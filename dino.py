@@ -119,7 +119,7 @@ parser.add_argument("--clip-grad", type=nonnegative_float, default=None, help="p
 parser.add_argument(
     "--freeze-last-layer", type=nonnegative_int, default=None, help="epochs with the head's last layer frozen (recipe)"
 )
-parser.add_argument("--out-dim", type=positive_int, default=None, help="K, the head's output size (recipe)")
+parser.add_argument("--out-dim", type=int_at_least(2), default=None, help="K, the head's output size (recipe)")
 parser.add_argument("--hidden-dim", type=positive_int, default=None, help="DINO head MLP hidden size (recipe)")
 parser.add_argument("--bottleneck-dim", type=positive_int, default=256, help="DINO head bottleneck (L2-normalised)")
 parser.add_argument(
@@ -385,6 +385,11 @@ def main():
         raise UserError(f"--drop-path {args.drop_path}: a rate below 1 drops some paths; 1 would drop them all")
     if args.local_scale_min > args.local_scale_max:
         raise UserError(f"--local-scale-min {args.local_scale_min} is above --local-scale-max {args.local_scale_max}")
+    if args.local_crops and args.local_size > args.image_size:
+        raise UserError(f"--local-size {args.local_size} is larger than the global crops' {args.image_size} px")
+    patch = 4 if small else 16  # a ViT's patch side (build_backbone)
+    if args.local_crops and args.arch.startswith("vit") and args.local_size < patch:
+        raise UserError(f"--local-size {args.local_size} is below the ViT's {patch}-px patch; raise it")
     if args.warmup_teacher_temp_epochs > args.epochs:
         raise UserError(f"--warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs} is more than --epochs")
     resume = prepare_output_dir(args, "dino", env)

@@ -42,6 +42,7 @@ from common import (
     Logger,
     StopSignal,
     TrainLoader,
+    UserError,
     ViewAug,
     alignment_uniformity,
     autocast_for,
@@ -109,7 +110,9 @@ parser.add_argument("--knn-t", type=positive_float, default=None, help="kNN temp
 parser.add_argument("--dim", type=positive_int, default=128, help="embedding size (--low-dim)")
 parser.add_argument("--nce-k", type=nonnegative_int, default=None, help="NCE noise rows K; 0: full softmax (recipe)")
 parser.add_argument("--nce-t", type=positive_float, default=None, help="temperature tau (recipe)")
-parser.add_argument("--nce-m", type=in_range(0, 1), default=0.5, help="memory bank momentum m")
+parser.add_argument(
+    "--nce-m", type=in_range(0, 1, hi_open=True), default=0.5, help="memory bank momentum m (1 would freeze the bank)"
+)
 parser.add_argument("--schedule", default=None, choices=["imagenet", "cifar"], help="lr steps (recipe)")
 
 # main.py and its README command: ResNet-18, batch 256, SGD lr 0.03 (momentum 0.9, wd 1e-4), 200 epochs, lr x0.1
@@ -254,6 +257,8 @@ def main():
     recipe = pick_recipe(RECIPES, data, env, args)
     small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem, cifar.py's augmentation
     resume = prepare_output_dir(args, "instdisc", env)
+    if args.nce_k >= len(data.train):
+        raise UserError(f"--nce-k {args.nce_k} is not below the {len(data.train)} training images; lower it")
     config = dict(vars(args), input_mean=list(data.mean), input_std=list(data.std))  # what backbone.pt expects
     out, autocast = Path(args.output_dir), autocast_for(env, args.dtype)
 

@@ -127,7 +127,7 @@ parser.add_argument("--temperature", type=positive_float, default=None, help="ta
 # exp(score / eps) with |score| <= 1 overflows float32 once the Sinkhorn sums pass 3e38: eps >= 0.02 is safe.
 parser.add_argument("--epsilon", type=in_range(0.02, 100), default=None, help="Sinkhorn entropy weight (recipe)")
 parser.add_argument("--sinkhorn-iterations", type=positive_int, default=3, help="Sinkhorn-Knopp iterations")
-parser.add_argument("--prototypes", type=positive_int, default=None, help="K, the number of prototypes (recipe)")
+parser.add_argument("--prototypes", type=int_at_least(2), default=None, help="K, the number of prototypes (recipe)")
 parser.add_argument("--dim", type=positive_int, default=128, help="embedding size (feat_dim)")
 parser.add_argument("--hidden-dim", type=positive_int, default=2048, help="projection MLP hidden size (hidden_mlp)")
 parser.add_argument(
@@ -301,6 +301,10 @@ def main():
     recipe = pick_recipe(RECIPES, data, env, args)
     small = recipe != "imagenet"  # CIFAR-scale images: CIFAR stem
     # main_swav.py: queue_length -= queue_length % (batch per GPU x world size), i.e. a multiple of the batch.
+    if 0 < args.queue_length < args.batch_size:
+        raise UserError(f"--queue-length {args.queue_length} is below --batch-size {args.batch_size}: no queue left")
+    if args.local_crops and args.local_size > args.image_size:
+        raise UserError(f"--local-size {args.local_size} is larger than the global crops' {args.image_size} px")
     args.queue_length -= args.queue_length % args.batch_size
     resume = prepare_output_dir(args, "swav", env)
     config = dict(vars(args), input_mean=list(data.mean), input_std=list(data.std))  # what backbone.pt expects

@@ -77,7 +77,7 @@ FLAG_VALUES = {
     "wd_end": (["-1e-6", "nan"], ["0"]),
     "clip_grad": (["-1", "nan"], ["0"]),
     "freeze_last_layer": (["-1"], ["0"]),
-    "out_dim": (["0"], ["1"]),
+    "out_dim": (["0", "1"], ["2"]),
     "bottleneck_dim": (["0"], ["1"]),
     "momentum_teacher": (["-0.1", "1.01"], ["0", "1"]),
     "teacher_temp": (["0", "-0.04"], ["0.04"]),
@@ -92,12 +92,12 @@ FLAG_VALUES = {
     "local_scale_max": (["0", "-0.1", "1.01"], ["0.4", "1"]),
     "nce_k": (["-1", "2.5"], ["0"]),
     "nce_t": (["0", "-0.1"], ["0.07"]),
-    "nce_m": (["-0.1", "1.5"], ["0", "1"]),
+    "nce_m": (["-0.1", "1", "1.5"], ["0", "0.99"]),
     "start_warmup": (["-0.1"], ["0"]),
     "final_lr": (["-0.1"], ["0"]),
     "epsilon": (["0", "0.01", "101"], ["0.02", "100"]),
     "sinkhorn_iterations": (["0"], ["1"]),
-    "prototypes": (["0"], ["1"]),
+    "prototypes": (["0", "1"], ["2"]),
     "queue_length": (["-1"], ["0"]),
     "queue_start_epoch": (["-1"], ["0"]),
     "freeze_prototypes_epochs": (["-1"], ["0", "0.5"]),
@@ -124,7 +124,9 @@ def test_every_numeric_flag_refuses_bad_values_at_parse_time(script, capsys):
 def test_common_number_types():
     assert C.positive_int("3") == 3 and C.nonnegative_int("0") == 0 and C.int_at_least(-1)("-1") == -1
     assert C.in_range(0, 1, lo_open=True)("1") == 1.0 and C.nonnegative_float("0") == 0.0
-    for parse, text in [(C.positive_int, "0"), (C.in_range(0, 1, lo_open=True), "0"), (C.positive_float, "inf")]:
+    assert C.in_range(0, 1, hi_open=True)("0") == 0.0
+    bad = [(C.positive_int, "0"), (C.in_range(0, 1, lo_open=True), "0"), (C.in_range(0, 1, hi_open=True), "1")]
+    for parse, text in [*bad, (C.positive_float, "inf")]:
         with pytest.raises(C.argparse.ArgumentTypeError):
             parse(text)
 
@@ -260,6 +262,23 @@ def test_bad_run_settings_give_one_line(tmp_path, case):
         "one image per process": (["--batch-size", 1, "--output-dir", tmp_path / "r"], "batch norm needs 2"),
     }[case]
     _one_error_line(run_script("simsiam.py --max-steps 1 --eval-every -1", TINY["simsiam.py"], *args), expected)
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("swav.py --local-crops 2 --local-size 64", "larger than the global crops"),
+        ("swav.py --queue-length 3", "no queue left"),
+        ("dino.py --arch vit_tiny --local-crops 2 --local-size 1", "below the ViT's 4-px patch"),
+        ("instdisc.py --nce-k 100", "not below the 16 training images"),
+    ],
+)
+def test_method_settings_that_cannot_work_give_one_line(tmp_path, image_folder, command, expected):
+    """Settings the flags' types cannot judge alone (found by trying the new files as a new user): a local crop
+    larger than the global one, a queue shorter than a batch, a local crop smaller than a ViT patch, more noise
+    rows than images. Each was a traceback or a silently degenerate run before."""
+    args = ["--batch-size 8 --workers 0 --max-steps 1 --eval-every -1 --data", image_folder(), "--output-dir"]
+    _one_error_line(run_script(command, *args, tmp_path / "r"), expected)
 
 
 def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
