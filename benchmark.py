@@ -175,22 +175,27 @@ def bench():
             if self.loader is None:  # data on the device: no workers side
                 crops = [[data.train.images[idx.to(dev)]] * len(views) for idx in mine[: warmup + n]]
                 figures["workers_images_per_s"] = None
-            else:  # the workers' side alone: decode + crop + flip to uint8
+            else:  # the workers' side alone: decode + crop + flip to uint8 (+ colour when the device is the CPU)
                 self.items = [(int(i), int(i)) for idx in mine[: warmup + n] for i in idx]
                 crops = []
                 figures["workers_images_per_s"] = per / timed(self._keep(crops), n, warmup, torch.device("cpu"))
             self.cropped = self.loader is not None
 
-            def augmented():  # the device's side alone: colour (and for data on the device, crop) + normalise
-                for batch in crops:
-                    yield [
-                        C.normalize(C.augment(c.to(dev, non_blocking=True), v, self.gen, crop=not self.cropped), data)
-                        for c, v in zip(batch, views)
-                    ]
+            def augmented():  # the device's side alone: colour (unless the workers did it) + normalise; crop too
+                for batch in crops:  # for data on the device
+                    on_dev = [c.to(dev, non_blocking=True) for c in batch]
+                    if self.cropped:
+                        yield [self.finish(c, v) for c, v in zip(on_dev, views)]
+                    else:
+                        yield [C.normalize(C.augment(c, v, self.gen), data) for c, v in zip(on_dev, views)]
 
             self.ready = state["ready"] = []
             state["env"] = env
             figures["device_images_per_s"] = per / timed(self._keep(self.ready, augmented()), n, warmup, dev)
+            if (
+                self.cropped and self.finished_in_workers
+            ):  # on a CPU the workers coloured and normalised: no device side
+                figures["device_images_per_s"] = None
             figures["loader_images_per_s"] = per / timed(super().epoch(1), n, warmup, dev)
             if args.torchvision:
                 transforms = [torchvision_transform(v, data) for v in views]
@@ -299,8 +304,8 @@ def report(f):
         f"{f['colour']}; images/s:"
     )
     rows = [
-        ("workers: decode + crop to uint8", "workers_images_per_s"),
-        ("device: colour + normalise (+ crop for data on the device)", "device_images_per_s"),
+        ("workers: decode + crop (+ colour, normalise on a CPU)", "workers_images_per_s"),
+        ("device: colour + normalise (unless the workers did) (+ crop)", "device_images_per_s"),
         ("loader: workers + device, as the loop receives batches", "loader_images_per_s"),
         ("torchvision + PIL transforms in workers", "torchvision_images_per_s"),
         ("training step on ready views", "step_images_per_s"),

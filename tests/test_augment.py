@@ -153,6 +153,20 @@ def test_subset_ops_equal_the_masked_ops_image_for_image(name, monkeypatch):
     assert torch.equal(y, before), "apply_view wrote into its input"
 
 
+@pytest.mark.parametrize("name", list(SUBSET_VIEWS))
+def test_augment_in_chunks_equals_the_whole_batch(name, monkeypatch):
+    """On the CPU `augment` applies the drawn parameters to chunks of images that fit in the cache: chunks of 5
+    images (the last one short) give bitwise the images of one pass over the whole batch, crop or not."""
+    view = SUBSET_VIEWS[name]
+    x = (torch.rand(23, 3, 26, 30, generator=torch.Generator().manual_seed(2)) * 255).round().to(torch.uint8)
+    for crop in (True, False):
+        whole = C.augment(x, view, torch.Generator().manual_seed(7), crop=crop)
+        monkeypatch.setattr(C, "_CHUNK_BYTES", 5 * 4 * x[0].numel())
+        chunks = C.augment(x, view, torch.Generator().manual_seed(7), crop=crop)
+        monkeypatch.undo()
+        assert torch.equal(whole, chunks), (whole - chunks).abs().amax()
+
+
 def test_each_colour_op_sees_only_the_images_it_applies_to(monkeypatch):
     """On the CPU the hue rotation runs once per jittered image (at that image's hue position), the blur once per
     blurred image, grayscale once per greyed image: the work of skipped images is not done. On CUDA the masked

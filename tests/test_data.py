@@ -131,8 +131,10 @@ def test_every_mode_format_and_frame_count_decodes_to_8_bit_rgb(tmp_path):
     _assert_within_one([img for img, _ in decoded], cases)
     # The training path: a DataLoader worker decodes and crops; one batch mixes every mode (collate needs one
     # dtype and shape: a uint16 PNG or a (frames, 3, H, W) GIF among uint8 images used to end the run here).
+    folder = C._FolderViews([(f, 0) for f in files], [WholeImage()])
     train = torch.utils.data.DataLoader(
-        C._FolderViews([(f, 0) for f in files], [WholeImage()]),
+        folder,
+        collate_fn=folder.collate,
         batch_size=len(files),
         sampler=[(i, i) for i in range(len(files))],
         num_workers=1,
@@ -332,3 +334,33 @@ def test_a_run_on_a_folder_of_mixed_files(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     start = "simsiam: small recipe (median short side 32 px over 8 sampled files <= 96), train 8 images in 2 classes"
     assert f"{start}, val 4 images in 2 classes, 2 steps/epoch" in r.stdout
+
+
+def test_on_a_cpu_the_workers_colour_and_normalise_with_each_images_own_draws(tmp_path):
+    """On a CPU the DataLoader workers also apply the colour ops and normalise (the main process would do them on
+    one core): without colour ops that is normalize(crop / 255) of the same crops; with them, every draw comes from
+    the item's own seed, so the batches do not depend on the number of workers, and the colour is applied."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        files.append((str(tmp_path / f"{i}.png"), 0))
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(files[-1][0])
+    data = type("D", (), {"mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3)})
+    plain = C.ViewAug(12, jitter_p=0.0, gray_p=0.0)
+    coloured = C.ViewAug(12, jitter_p=1.0, gray_p=0.5, blur_p=0.5, solarize_p=0.5)
+    items = [(i, 1000 + i) for i in range(6)]
+
+    def batch(views, finish, workers):
+        folder = C._FolderViews(files, views, finish=finish)
+        loader = torch.utils.data.DataLoader(
+            folder, batch_size=6, sampler=items, collate_fn=folder.collate, num_workers=workers
+        )
+        return next(iter(loader))[0]
+
+    crops, finished = batch([plain, coloured], None, 0), batch([plain, coloured], data, 0)
+    torch.testing.assert_close(finished[0], C.normalize(crops[0].float() / 255, data), atol=1e-6, rtol=0)
+    assert finished[0].is_contiguous(memory_format=torch.channels_last)
+    undone = C.normalize(crops[1].float() / 255, data)
+    assert (finished[1] - undone).abs().amax(dim=(1, 2, 3)).min() > 0.05, "an image was left uncoloured"
+    for a, b in zip(finished, batch([plain, coloured], data, 2)):
+        assert torch.equal(a, b)
