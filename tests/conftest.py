@@ -37,6 +37,15 @@ def run_script(*args, timeout=300, torchrun=0, env=None):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_on_two_ranks(driver, tmp_path, timeout=240):
+    """Run a torchrun driver (a tests/dist_*.py module, see dist_util.py) with 2 processes, gloo on the CPU;
+    returns what its rank 0 saved."""
+    out = tmp_path / "dist.pt"
+    r = run_script(driver.__file__, out, torchrun=2, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

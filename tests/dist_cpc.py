@@ -1,23 +1,18 @@
-"""Run under `torchrun --nproc_per_node=2` (gloo, CPU) by test_cpc.py; writes what rank 0 saw to argv[1].
-`single_process_reference()` computes the same in one process on the whole global batch.
-
-CPC's InfoNCE scores each prediction against every target of the global batch, gathered WITH gradient: the
-summed loss and the DDP-averaged gradients must equal one process on the global batch. The patch encoder uses
-LayerNorm (v2), so nothing else depends on the batch.
+"""CPC under torchrun (by test_cpc.py; dist_util has the pattern): InfoNCE scores each prediction against every
+target of the global batch, the targets gathered WITH gradient and the labels offset by rank (cpc.py cpc_loss, as
+simclr.py's negatives; there is no official CPC code, the deepul port scores against its own process's batch:
+cpc.py's Deviation). The summed loss and the DDP-averaged gradients of 2 processes must equal one process on the
+global batch. The patch encoder uses GroupNorm(1, c) (v2's LayerNorm), so nothing else depends on the batch.
 """
 
-import sys
-from pathlib import Path
-
+import dist_util as U
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common as C  # noqa: E402
-import cpc as P  # noqa: E402
+import common as C
+import cpc as P
 
-GLOBAL_BATCH, WORLD, OFFSETS = 4, 2, [1, 3]
+GLOBAL_BATCH, OFFSETS = 4, [1, 3]
 
 
 def make_model():
@@ -32,32 +27,20 @@ def make_patches():
     return P.patch_grid(x, 4, 2)
 
 
-def loss_of(net, patches):
-    preds, targets = net(patches)
-    return P.cpc_loss(preds, targets, OFFSETS, P.DIRECTIONS["v2"])
+def loss_and_grads(env):
+    """(loss, gradients) of this process's share of the patch grids."""
+    patches = U.share(make_patches(), env)
+
+    def loss_of(net):
+        preds, targets = net(patches)
+        return P.cpc_loss(preds, targets, OFFSETS, P.DIRECTIONS["v2"])
+
+    return U.loss_and_grads(make_model(), loss_of, env)
 
 
 def single_process_reference():
-    model = make_model()
-    loss = loss_of(model, make_patches())
-    loss.backward()
-    return loss.item(), [p.grad.clone() for p in model.parameters()]
-
-
-def worker(path):
-    env = C.setup("cpu", seed=0)
-    n = GLOBAL_BATCH // WORLD
-    patches = make_patches()[env.rank * n : (env.rank + 1) * n]  # this rank's contiguous share
-    model = make_model()
-    ddp = nn.parallel.DistributedDataParallel(model)  # kept alive until the backward: its hooks average the grads
-    loss = loss_of(ddp, patches)
-    loss.backward()  # DDP averages the gradients over ranks
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    if env.is_main:
-        torch.save((total.item() / WORLD, [p.grad.clone() for p in model.parameters()]), path)
-    dist.destroy_process_group()
+    return loss_and_grads(U.ONE_PROCESS)
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    U.main(loss_and_grads)

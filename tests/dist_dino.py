@@ -1,19 +1,16 @@
-"""Run under `torchrun --nproc_per_node=2` (gloo, CPU) by test_dino.py; writes what rank 0 saw to argv[1].
-DINO's centre (Eq. 4) after an update from each rank's share of the teacher outputs, and the loss and DDP
-gradients of a student without BN, against one process on the global batch (`single_process_reference`)."""
+"""DINO under torchrun (by test_dino.py; dist_util has the pattern): the centre of Eq. 4 after an update from each
+process's share of the teacher outputs must be the one-process centre of the whole global batch and the same on
+both ranks (main_dino.py DINOLoss.update_center all-reduces the batch sum and divides by the global count); the
+loss and DDP gradients of a student without BN must equal one process on the global batch.
+"""
 
-import sys
-from pathlib import Path
-
+import dist_util as U
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common as C  # noqa: E402
-import dino as D  # noqa: E402
+import common as C
+import dino as D
 
-GLOBAL_BATCH, WORLD, K, CROPS = 8, 2, 5, 3
+GLOBAL_BATCH, K, CROPS = 8, 5, 3
 
 
 def make_inputs():
@@ -24,48 +21,32 @@ def make_inputs():
     return crops, t, torch.randn(1, K, generator=g)
 
 
-def step(net, crops, t, center):
-    """Student scores crop by crop, the DINO loss against the fixed teacher outputs, then the centre update."""
+def updated_center(t, center):
+    """DINO.update_center (momentum 0.9) from `center` on the teacher outputs t, crop by crop."""
     model = D.DINO(*(C.TinyNet(width=2) for _ in range(2)), K, hidden_dim=8, bottleneck_dim=4)  # its centre only
     model.center.copy_(center)
-    s = net(torch.cat(crops))
-    loss = D.dino_loss(s, torch.cat(t), model.center, 0.04)
     model.update_center(torch.cat(t), 0.9)
-    return loss, model.center.clone()
+    return model.center.clone()
 
 
-def make_net():
-    torch.manual_seed(0)
-    return nn.Linear(6, K)
+def findings(env):
+    """This process's share of every crop: the student's loss (scored crop by crop against the fixed teacher
+    outputs, before the centre moves) and gradients, and the centre after the update."""
+    crops, t, center = make_inputs()
+    crops, t = [U.share(c, env) for c in crops], [U.share(x, env) for x in t]
+    loss_of = lambda net: D.dino_loss(net(torch.cat(crops)), torch.cat(t), center, 0.04)
+    loss, grads = U.loss_and_grads(U.linear_model(6, K), loss_of, env)
+    return {"loss": loss, "center": updated_center(t, center), "grads": grads}
 
 
 def single_process_reference():
-    crops, t, center = make_inputs()
-    net = make_net()
-    loss, new_center = step(net, crops, t, center)
-    loss.backward()
-    return {"loss": loss.item(), "center": new_center, "grads": [p.grad.clone() for p in net.parameters()]}
+    return findings(U.ONE_PROCESS)
 
 
-def worker(path):
-    env = C.setup("cpu", seed=0)
-    n = GLOBAL_BATCH // WORLD
-    crops, t, center = make_inputs()
-    mine = slice(env.rank * n, (env.rank + 1) * n)  # this rank's contiguous share of every crop
-    net = make_net()
-    ddp = nn.parallel.DistributedDataParallel(net)
-    loss, new_center = step(ddp, [c[mine] for c in crops], [x[mine] for x in t], center)
-    loss.backward()  # DDP averages the gradients over ranks
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    centers = [torch.empty_like(new_center) for _ in range(WORLD)]
-    dist.all_gather(centers, new_center)
-    out = {"loss": total.item() / WORLD, "center": new_center, "grads": [p.grad.clone() for p in net.parameters()]}
-    out["centers_equal"] = torch.equal(centers[0], centers[1])
-    if env.is_main:
-        torch.save(out, path)
-    dist.destroy_process_group()
+def worker(env):
+    out = findings(env)
+    return {**out, "centers_equal": U.same_on_every_rank([out["center"]])}
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    U.main(worker)

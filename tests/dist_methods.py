@@ -1,36 +1,27 @@
-"""Run under `torchrun --nproc_per_node=2` (gloo, CPU) by test_distributed.py; writes what rank 0 saw to argv[1].
-`single_process_reference()` computes the same quantities in one process on the whole global batch.
-
-Models here have no BN, so one process on the global batch is the exact reference:
-  - SimCLR: NT-Xent with the negatives gathered WITH gradient: loss and DDP-averaged gradients equal one process;
-  - MoCo v3: keys gathered without gradient, labels offset by rank: the same;
-  - Shuffling BN: each rank's key encoder sees a mix of both ranks' images, and the keys come back in order;
-  - MoCo's queue: the same on both ranks after enqueueing every rank's keys, in rank order.
+"""SimCLR's and MoCo's global-batch mechanisms under torchrun (by test_distributed.py; dist_util has the pattern).
+The model has no BN, so one process on the global batch is the exact reference (`single_process_reference`):
+  - SimCLR: NT-Xent with the negatives gathered WITH gradient (objective.py add_contrastive_loss,
+    tpu_cross_replica_concat; labels offset by the replica id): loss and DDP-averaged gradients equal one process;
+  - MoCo v3: keys gathered without gradient, labels offset by rank (moco-v3 builder.py contrastive_loss,
+    concat_all_gather): the same;
+  - Shuffling BN (moco builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp): each rank's key encoder sees a mix of
+    both ranks' images, and the keys come back in order;
+  - MoCo's queue (moco builder.py _dequeue_and_enqueue of concat_all_gather(keys)): the same on both ranks after
+    enqueueing every rank's keys, in rank order.
 """
 
-import sys
-from pathlib import Path
-
+import dist_util as U
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common as C  # noqa: E402
-import moco as M  # noqa: E402
-import simclr as S  # noqa: E402
+import common as C
+import moco as M
+import simclr as S
 
-GLOBAL_BATCH, WORLD = 8, 2
-
-
-def make_model():
-    torch.manual_seed(0)
-    return nn.Linear(6, 5)
+GLOBAL_BATCH = 8
 
 
 def make_inputs():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 6, generator=g)
+    return U.two_views(GLOBAL_BATCH, 6)
 
 
 def losses(net, model, x1, x2):
@@ -42,50 +33,40 @@ def losses(net, model, x1, x2):
     return {"simclr": S.simclr_loss(z1, z2, 0.5), "moco_v3": M.moco_loss(z1, z2, k1, k2, None, 0.2)}
 
 
-def single_process_reference():
-    x1, x2 = make_inputs()
+def losses_and_grads(env):
+    """{"simclr": (loss, gradients), "moco_v3": (...)} of this process's share of both views."""
+    x1, x2 = (U.share(x, env) for x in make_inputs())
     out = {}
     for name in ("simclr", "moco_v3"):
-        model = make_model()
-        loss = losses(model, model, x1, x2)[name]
-        loss.backward()
-        out[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+        model = U.linear_model(6, 5)
+        out[name] = U.loss_and_grads(model, lambda net: losses(net, model, x1, x2)[name], env)
     return out
 
 
-def worker(path):
-    env = C.setup("cpu", seed=0)
-    rank, n = env.rank, GLOBAL_BATCH // WORLD
-    x1, x2 = (x[rank * n : (rank + 1) * n] for x in make_inputs())  # this rank's contiguous share
-    out = {}
-    for name in ("simclr", "moco_v3"):
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        loss = losses(ddp, model, x1, x2)[name]
-        loss.backward()  # DDP averages the gradients over ranks
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        out[name] = (total.item() / WORLD, [p.grad.clone() for p in model.parameters()])
+def single_process_reference():
+    return losses_and_grads(U.ONE_PROCESS)
+
+
+def worker(env):
+    out = losses_and_grads(env)
+    x1 = U.share(make_inputs()[0], env)
     # Shuffling BN: what the key encoder sees, and the keys that come back
     seen = []
     keys = M.shuffled_keys(lambda v: seen.append(v) or v * 2 + 1, x1)
     out["shuffle_undone"] = torch.equal(keys, x1 * 2 + 1)
     everything = C.gather(x1)
-    others = everything[(1 - rank) * n : (2 - rank) * n]
+    n = len(x1)
+    others = everything[(1 - env.rank) * n : (2 - env.rank) * n]  # the other rank's share
     out["saw_other_rank"] = any(torch.equal(row, o) for row in seen[0] for o in others)
     out["saw_a_share"] = all(any(torch.equal(row, e) for e in everything) for row in seen[0])
     # The queue: every rank enqueues all ranks' keys, so the queues stay identical
     torch.manual_seed(0)
     model = M.MoCo(C.TinyNet(width=8), "v2", dim=6, queue_size=16)
-    model.enqueue(C.gather(x1 + rank))  # rank r's keys: its share of x1, plus r
-    queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
-    dist.all_gather(queues, model.queue)
-    out["queues_equal"] = torch.equal(queues[0], queues[1])
+    model.enqueue(C.gather(x1 + env.rank))  # rank r's keys: its share of x1, plus r
+    out["queues_equal"] = U.same_on_every_rank([model.queue])
     out["queue_head"] = model.queue[:GLOBAL_BATCH].clone()
-    if env.is_main:
-        torch.save(out, path)
-    dist.destroy_process_group()
+    return out
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    U.main(worker)

@@ -1,19 +1,14 @@
-"""Run under `torchrun --nproc_per_node=2` (gloo, CPU) by test_distributed.py; writes rank 0's findings to argv[1].
-
-SwAV's distributed Sinkhorn (main_swav.py distributed_sinkhorn): each rank holds its share of the global batch's
-scores and a queue of its own past embeddings' scores; with the sums all-reduced, the codes of each rank's batch
-equal those one process computes on the global batch with the union of the two queues.
-`single_process_reference()` computes the latter.
+"""SwAV's distributed Sinkhorn under torchrun (by test_distributed.py; dist_util has the pattern), as main_swav.py
+distributed_sinkhorn: each process holds its share of the global batch's scores and a queue of its own past
+embeddings' scores; with the sums all-reduced, the codes of each process's batch must equal those one process
+computes on the global batch with the union of the two queues (`single_process_reference`).
 """
 
-import sys
-from pathlib import Path
-
+import dist_util as U
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common as C  # noqa: E402
-import swav as W  # noqa: E402
+import common as C
+import swav as W
 
 GLOBAL_BATCH, QUEUE, K, WORLD = 8, 6, 5, 2  # QUEUE rows per rank
 
@@ -32,16 +27,13 @@ def single_process_reference():
     return W.sinkhorn(torch.cat([*queues, batch]), 0.05, 3)[-GLOBAL_BATCH:]
 
 
-def worker(path):
-    env = C.setup("cpu", seed=0)
+def worker(env):
+    """Every process's codes of its own share, its own queue's rows first as in swav.py, gathered in rank order."""
     batch, queues = make_scores()
-    n = GLOBAL_BATCH // WORLD
-    mine = batch[env.rank * n : (env.rank + 1) * n]
-    codes = W.sinkhorn(torch.cat([queues[env.rank], mine]), 0.05, 3)[-n:]  # as swav.py: queue rows first
-    everything = C.gather(codes)
-    if env.is_main:
-        torch.save({"codes": everything}, path)
+    mine = U.share(batch, env)
+    codes = W.sinkhorn(torch.cat([queues[env.rank], mine]), 0.05, 3)[-len(mine) :]
+    return {"codes": C.gather(codes)}
 
 
 if __name__ == "__main__":
-    C.run(lambda: worker(sys.argv[1]))
+    U.main(worker)

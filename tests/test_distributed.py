@@ -13,6 +13,9 @@
 - test_swav_codes_match_one_process_with_the_union_of_the_queues (tests/dist_swav.py): SwAV's Sinkhorn codes of
   each rank's share against one process on the global batch with both ranks' queues.
 
+The drivers tests/dist_*.py share tests/dist_util.py (the torchrun entry, a process's share of the global batch, the
+DDP loss and gradients, the checks across ranks); conftest.run_on_two_ranks launches them and loads rank 0's result.
+
 Deliberate bugs seen to fail: byol.py without its DistributedDataParallel wrap (test_ranks_stay_in_step[byol]:
 the checksums differ); every rank restoring rank 0's augmentation RNG on resume (test_resume_..._exact[simsiam]);
 MoCo enqueueing only its own rank's keys (test_resume_..._exact[moco-v2]: the checksums differ).
@@ -23,37 +26,32 @@ import dist_simsiam
 import dist_swav
 import pytest
 import torch
-from conftest import REPO, assert_resume_is_exact, checkpoint, run_script
+from conftest import assert_resume_is_exact, checkpoint, run_on_two_ranks, run_script
 
 
 def test_simsiam_gradients_data_and_knn_match_one_process(tmp_path):
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_simsiam.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res, ref = torch.load(out, weights_only=True), dist_simsiam.single_process_reference()
+    res, ref = run_on_two_ranks(dist_simsiam, tmp_path), dist_simsiam.single_process_reference()
     assert res["indices"] == ref["indices"]  # the two ranks' shares make up the one-process global batch
+    names = [name for name, _ in dist_simsiam.make_model().named_parameters()]
     for mode in ("eval", "train"):
         assert res[f"loss_{mode}"] == pytest.approx(ref[f"loss_{mode}"], abs=1e-6)
-        for name, g in ref[f"grads_{mode}"].items():
-            torch.testing.assert_close(res[f"grads_{mode}"][name], g, atol=1e-5, rtol=1e-4)
+        assert len(res[f"grads_{mode}"]) == len(ref[f"grads_{mode}"]) == len(names)
+        for name, g, g_ref in zip(names, res[f"grads_{mode}"], ref[f"grads_{mode}"]):
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{mode} {name}: {m}")
     assert res["weights_equal_across_ranks"]
     torch.testing.assert_close(res["features"], ref["features"], atol=1e-5, rtol=1e-4)
     assert res["knn"] == ref["knn"]
 
 
 def test_gathered_losses_shuffle_and_queue_match_one_process(tmp_path):
-    D = dist_methods
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_methods.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res, ref = torch.load(out, weights_only=True), D.single_process_reference()
+    res, ref = run_on_two_ranks(dist_methods, tmp_path), dist_methods.single_process_reference()
     for name in ("simclr", "moco_v3"):  # loss and DDP-averaged gradients == one process, global batch
         assert res[name][0] == pytest.approx(ref[name][0], abs=1e-6), name
         for g, g_ref in zip(res[name][1], ref[name][1]):
             torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
     assert res["shuffle_undone"] and res["saw_other_rank"] and res["saw_a_share"]
     assert res["queues_equal"]
-    x1, n = D.make_inputs()[0], D.GLOBAL_BATCH // D.WORLD
+    x1, n = dist_methods.make_inputs()[0], dist_methods.GLOBAL_BATCH // 2
     torch.testing.assert_close(res["queue_head"], torch.cat([x1[:n], x1[n:] + 1]))  # rank 0's keys, then rank 1's
 
 
@@ -104,8 +102,5 @@ def test_resume_under_torchrun_is_exact(tmp_path, method):
 
 
 def test_swav_codes_match_one_process_with_the_union_of_the_queues(tmp_path):
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_swav.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    codes = torch.load(out, weights_only=True)["codes"]
+    codes = run_on_two_ranks(dist_swav, tmp_path)["codes"]
     torch.testing.assert_close(codes, dist_swav.single_process_reference(), rtol=1e-5, atol=1e-6)
