@@ -4,7 +4,7 @@
     python tools/make_jpegs.py /tmp/jpegs 1024
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,11 @@ from PIL import Image
 
 
 def main():
-    root, n = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path, help="the folder to write DIR/train/<class>/<i>.jpg into")
+    ap.add_argument("n", type=int, nargs="?", default=1024, help="how many JPEGs (default 1024)")
+    args = ap.parse_args()
+    root, n = args.dir, args.n
     rng = np.random.default_rng(0)
     for i in range(n):
         w, h = (int(v) for v in rng.integers(400, 641, 2))
