@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import REPO, read_metrics, run_script
+from conftest import REPO, read_metrics, run_on_two_ranks, run_script
 
 import common as C
 import invaspread as IS
@@ -116,10 +116,7 @@ def test_alignment_uniformity_is_fixed_and_leaves_the_training_rng_alone(image_f
 
 
 def test_the_same_under_torchrun_with_two_processes(tmp_path):
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_alignment.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res, ref = torch.load(out, weights_only=True), D.measure(C.Env(0, 1, 0, torch.device("cpu")))
+    res, ref = run_on_two_ranks(D, tmp_path), D.measure(C.Env(0, 1, 0, torch.device("cpu")))
     assert res.keys() == ref.keys()
     for key, value in ref.items():
         assert res[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key

@@ -10,13 +10,12 @@ import dist_invaspread
 import pytest
 import torch
 from conftest import (
-    REPO,
     assert_it_learns,
     assert_resume_is_exact,
     assert_runs_in_bfloat16,
     assert_trained_run,
     read_metrics,
-    run_script,
+    run_on_two_ranks,
 )
 
 import common as C
@@ -72,10 +71,7 @@ def test_gradient_flows_only_through_the_anchor_side():
 
 
 def test_loss_and_gradients_under_torchrun_equal_one_process_on_the_global_batch(tmp_path):
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_invaspread.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res, (loss, grads) = torch.load(out, weights_only=True), dist_invaspread.single_process_reference()
+    res, (loss, grads) = run_on_two_ranks(dist_invaspread, tmp_path), dist_invaspread.single_process_reference()
     assert res["loss"] == pytest.approx(loss, rel=1e-6) and res["grads_equal"]
     for g, g_ref in zip(res["grads"], grads):
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
