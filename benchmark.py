@@ -152,9 +152,10 @@ def bench():
         """The method's TrainLoader, timed: pipeline measurements at construction; epoch() then feeds the
         method's loop from ready views, from itself, and (--torchvision) from torchvision's pipeline."""
 
-        def __init__(self, data, views, batch_size, env, seed, workers=8):
-            super().__init__(data, views, batch_size, env, seed, workers)
+        def __init__(self, data, views, batch_size, env, seed, workers=8, with_indices=False):
+            super().__init__(data, views, batch_size, env, seed, workers, with_indices)
             dev, per, mine = env.device, self.per_rank, self.indices(0)
+            self.index_lists = [[idx.to(dev)] if with_indices else [] for idx in mine]  # a memory bank's rows
             self.limit = warmup + n  # every pass takes exactly this many batches: no worker left prefetching
             total = (warmup + n) * (3 if args.torchvision else 2)
             self.length = total + 2  # one "epoch" longer than the run: no epoch-end work inside the timing
@@ -182,20 +183,18 @@ def bench():
             self.cropped = self.loader is not None
 
             def augmented():  # the device's side alone: colour (unless the workers did it) + normalise; crop too
-                for batch in crops:  # for data on the device
+                for batch, index in zip(crops, self.index_lists):  # for data on the device
                     on_dev = [c.to(dev, non_blocking=True) for c in batch]
                     if self.cropped:
-                        yield [self.finish(c, v) for c, v in zip(on_dev, views)]
+                        yield [self.finish(c, v) for c, v in zip(on_dev, views)] + index
                     else:
-                        yield [C.normalize(C.augment(c, v, self.gen), data) for c, v in zip(on_dev, views)]
+                        yield [C.normalize(C.augment(c, v, self.gen), data) for c, v in zip(on_dev, views)] + index
 
             self.ready = state["ready"] = []
             state["env"] = env
             figures["device_images_per_s"] = per / timed(self._keep(self.ready, augmented()), n, warmup, dev)
-            if (
-                self.cropped and self.finished_in_workers
-            ):  # on a CPU the workers coloured and normalised: no device side
-                figures["device_images_per_s"] = None
+            if self.cropped and self.finished_in_workers:  # on a CPU the workers colour and normalise
+                figures["device_images_per_s"] = None  # no device side
             figures["loader_images_per_s"] = per / timed(super().epoch(1), n, warmup, dev)
             if args.torchvision:
                 transforms = [torchvision_transform(v, data) for v in views]
@@ -231,8 +230,8 @@ def bench():
             segments = [("step", self.ready), ("run", super().epoch(2))]
             if args.torchvision:
                 tv = (
-                    [x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last) for x in b]
-                    for b in self.tv
+                    [x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last) for x in b] + index
+                    for b, index in zip(self.tv, self.index_lists)
                 )
                 segments.append(("torchvision_run", tv))
             for name, batches in segments:
@@ -271,7 +270,14 @@ def bench():
         return
 
     # The bare backbone, forward + backward on the same views (no heads, no loss, no optimizer): the ceiling.
-    env, views_list = state["env"], state["ready"]
+    env, views_list = state["env"], [views[: figures["views"]] for views in state["ready"]]  # not a bank's indices
+    if figures["method"] in NO_BARE_BACKBONE:
+        figures["memory"] = "CUDA peak allocated" if env.device.type == "cuda" else "process peak RSS"
+        report(figures)
+        print(f"  bare backbone: not measured ({NO_BARE_BACKBONE[figures['method']]})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+        return
     backbone = backbones[0].train()
     bare = torch.compile(backbone) if args.compile else backbone
     autocast = C.autocast_for(env, args.dtype)
@@ -295,6 +301,12 @@ def bench():
     report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+NO_BARE_BACKBONE = {  # methods whose backbone does not take the views as they are
+    "cmc": "its two encoders take the L and ab channels of the view",
+    "cpc": "its encoder runs on the grid of patches cut from each view",
+}
 
 
 def report(f):

@@ -909,6 +909,7 @@ class TrainLoader:
                 drop_last=True,
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
+                generator=torch.Generator(),  # the iterator's base seed: not drawn from the global RNG (exact resume)
             )
 
     def __len__(self):

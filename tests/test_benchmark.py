@@ -4,6 +4,7 @@ unnoticed): an image folder through DataLoader workers, with the torchvision + P
 import json
 import math
 
+import pytest
 from conftest import run_script
 
 
@@ -57,3 +58,23 @@ def test_benchmark_refuses_more_steps_than_the_data_holds(image_folder):
         "benchmark.py simsiam.py --arch tiny --image-size 32 --batch-size 8 --steps 9 --data", image_folder()
     )
     assert r.returncode == 2 and "error: --warmup 2 + --steps 9 batches exceed the 2 batches" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("method", ["instdisc", "cmc"])
+def test_benchmark_runs_the_memory_bank_methods(tmp_path, method):
+    """InstDisc and CMC take each batch's dataset indices (their bank rows) with the views; CMC's encoders take Lab
+    channels, so it has no bare-backbone figure and says why."""
+    out = tmp_path / "bench.json"
+    r = run_script(
+        f"benchmark.py {method}.py --batch-size 32 --steps 1 --warmup 1 --device cpu --json",
+        out,
+        timeout=120,
+        env={"TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(out.read_text())
+    assert 0 < f["step_images_per_s"] < 1e6 and 0 < f["run_images_per_s"] < 1e6
+    if method == "cmc":
+        assert "backbone_images_per_s" not in f and "bare backbone: not measured (its two encoders" in r.stdout
+    else:
+        assert 0 < f["backbone_images_per_s"] < 1e6
