@@ -364,3 +364,16 @@ def test_on_a_cpu_the_workers_colour_and_normalise_with_each_images_own_draws(tm
     assert (finished[1] - undone).abs().amax(dim=(1, 2, 3)).min() > 0.05, "an image was left uncoloured"
     for a, b in zip(finished, batch([plain, coloured], data, 2)):
         assert torch.equal(a, b)
+
+
+def test_the_folder_loader_leaves_the_global_rng_alone(tmp_path):
+    """A DataLoader iterator draws its base seed from its generator, by default the global RNG, which the methods
+    restore on resume and draw from in their step (DINO's drop-path on a CPU): the training loader has its own."""
+    for i in range(4):
+        _png(tmp_path / "data" / "train" / "a" / f"{i}.png")
+    d, env = C.load_data(str(tmp_path / "data")), C.Env(0, 1, 0, torch.device("cpu"))
+    loader = C.TrainLoader(d, [C.ViewAug(size=SIDE)], 2, env, seed=0, workers=0)
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    next(loader.epoch(0))
+    assert torch.equal(torch.get_rng_state(), rng)
