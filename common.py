@@ -1487,7 +1487,8 @@ class LARS(torch.optim.Optimizer):
     `clip` (LARC's clip mode, as solo-learn's CIFAR recipes use with eta 0.02): t <- min(t / lr, 1), so each
     tensor steps with lr * t = min(eta*||w||/||g||, lr). `larc` (SwAV: apex/parallel/LARC.py, which main_swav.py
     wraps around SGD; solo-learn's solo/utils/lars.py is the same): the decay enters the denominator, from the
-    raw gradient: t = eta*||w|| / (||g|| + wd*||w|| + 1e-8), then g <- t*(g + wd*w). No host syncs."""
+    raw gradient: t = eta*||w|| / (||g|| + wd*||w|| + 1e-8), then g <- t*(g + wd*w), and g as it is (no decay)
+    where ||w|| or ||g|| is 0. No host syncs."""
 
     def __init__(
         self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False, lr_in_momentum=False, larc=False
@@ -1505,12 +1506,15 @@ class LARS(torch.optim.Optimizer):
                     continue
                 g = p.grad.add(p, alpha=group["weight_decay"])
                 if not group["lars_exclude"]:
-                    w_norm, g_norm = p.norm(), (p.grad if group.get("larc") else g).norm()
-                    denom = g_norm + group["weight_decay"] * w_norm + 1e-8 if group.get("larc") else g_norm
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / denom, 1.0)
+                    larc = group.get("larc")
+                    w_norm, g_norm = p.norm(), (p.grad if larc else g).norm()
+                    denom = g_norm + group["weight_decay"] * w_norm + 1e-8 if larc else g_norm
+                    both = (w_norm > 0) & (g_norm > 0)
+                    trust = torch.where(both, group["eta"] * w_norm / denom, 1.0)
                     if group["clip"] and lr > 0:  # LARC "clip" mode: the step is lr * min(trust/lr, 1)
                         trust = (trust / lr).clamp(max=1.0)
-                    g = g.mul(trust)
+                    # LARC adds the decay and scales only where both norms are nonzero, else keeps the raw gradient
+                    g = torch.where(both, g.mul(trust), p.grad) if larc else g.mul(trust)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 if group["lr_in_momentum"]:
                     buf.mul_(group["momentum"]).add_(g, alpha=lr)

@@ -185,12 +185,13 @@ def test_lars_two_steps_by_hand(lr_in_momentum, clip):
 def test_larc_two_steps_by_hand(clip):
     """LARS(larc=True), SwAV's optimizer: apex/parallel/LARC.py around torch SGD (and solo-learn's lars.py):
     t = eta ||w|| / (||g|| + wd ||w|| + 1e-8) from the raw gradient, d = t (g + wd w) (clip: t <- min(t / lr, 1)),
-    v = m v + d, w -= lr v; two steps with an lr change, against the update written out in float64."""
+    v = m v + d, w -= lr v; three steps with lr changes, against the update written out in float64. Step 3 has a
+    zero gradient: LARC then adds neither the decay nor the scaling (only momentum moves w)."""
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
     grads = [torch.randn(3, 4, generator=g, dtype=torch.float64)]
-    grads.append(grads[0] * 0.01)  # step 2: a small gradient -> a large trust ratio
-    lrs, m, wd, eta = (0.5, 0.02), 0.9, 0.5, 0.02  # a large wd, so that where it enters the trust ratio shows
+    grads += [grads[0] * 0.01, torch.zeros_like(w0)]  # step 2: a small gradient -> a large trust ratio
+    lrs, m, wd, eta = (0.5, 0.02, 0.1), 0.9, 0.5, 0.02  # a large wd, so that where it enters the trust ratio shows
     weight = nn.Parameter(w0.clone())
     opt = C.LARS([{"params": [weight], "weight_decay": wd}], momentum=m, eta=eta, clip=clip, larc=True)
     w, v, clipped = w0.clone(), torch.zeros_like(w0), []
@@ -200,10 +201,10 @@ def test_larc_two_steps_by_hand(clip):
             group["lr"] = lr
         opt.step()
         trust = eta * w.norm() / (gw.norm() + wd * w.norm() + 1e-8)
-        if clip:
+        if clip and gw.norm() > 0:
             clipped.append(bool(trust > lr))
             trust = min(trust, lr) / lr
-        v = m * v + trust * (gw + wd * w)
+        v = m * v + (trust * (gw + wd * w) if gw.norm() > 0 else gw)
         w = w - lr * v
         torch.testing.assert_close(weight.detach(), w, rtol=1e-12, atol=1e-12)
     if clip:
