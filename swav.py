@@ -181,7 +181,7 @@ RECIPES = {
     # holds a fragment of one shape (byol.py's demo needs the same); with 8% the loss sat at ln K for 200 steps on
     # seed 1 (kNN below random init), with 30% it left ln K on seeds 0-2. K 100, not 3000: the swav authors'
     # advice for 10-class CIFAR-10 (swav#23: try 10-300; swav#118 quotes: an order of magnitude over the classes);
-    # K 3000 with 30% crops learned as well in a 117-step trial but ran 25% slower (README "SwAV on the CPU").
+    # K 3000 with 30% crops learned as well in a 117-step trial but ran 20% slower (README "SwAV on the CPU").
     "builtin": dict(epochs=10, batch_size=256, warmup_epochs=0, lr=2.0, lars_eta=1e-3, lars_clip=False)
     | dict(epsilon=0.03, queue_length=0, freeze_prototypes_epochs=1.0, local_crops=0, crop_min=0.3, prototypes=100),
 }
