@@ -1,6 +1,7 @@
 """swav.py: Sinkhorn-Knopp against the paper's scaling written out by hand (marginals, convergence), the swapped
 prediction loss against its equation, the multi-resolution forward, the frozen prototypes on the real loop, the
-optimizer and lr schedule of the recipes, and the script end to end with exact resume (queue included)."""
+optimizer and lr schedule of the recipes, the script end to end with exact resume (queue included), and that the
+built-in demo learns."""
 
 import math
 import types
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from conftest import (
     REPO,
+    assert_it_learns,
     assert_resume_is_exact,
     assert_runs_in_bfloat16,
     assert_trained_run,
@@ -123,6 +125,8 @@ def test_the_views_are_the_scripts_multi_crop():
     assert all(v.jitter == (0.8, 0.8, 0.8, 0.2) and v.gray_p == 0.2 and v.blur_p == 0.5 for v in views)
     small = W.RECIPES["small"]
     assert [v.scale for v in W.view_recipe(32, small["local_crops"], small["local_size"])] == [(0.08, 1.0)] * 2
+    demo = W.RECIPES["builtin"]  # the built-in demo's crops from 30% of the area
+    assert [v.scale for v in W.view_recipe(32, demo["local_crops"], 16, demo["crop_min"])] == [(0.3, 1.0)] * 2
 
 
 def test_optimizer_and_lr_are_the_sources():
@@ -176,3 +180,13 @@ def test_end_to_end_and_resume_is_exact_including_the_queue(tmp_path):
     assert queue.shape == (1, 2, 64, 16)
     torch.testing.assert_close(queue.norm(dim=-1), torch.ones(1, 2, 64))  # full of unit embeddings
     assert_runs_in_bfloat16("swav.py", FLAGS, tmp_path, run)
+
+
+def test_it_learns(tmp_path):
+    """The first 78 of the built-in demo's 390 steps (two epochs, the first with frozen prototypes; crops from 30%
+    of the area, K 100): the backbone's kNN top-1 rises 8 points above the same-seed random-init network's.
+    Seeds 0 / 1 / 2 by hand: 49.9 / 40.0 / 38.0% against 33.0 / 28.7 / 25.0% (README "SwAV on the CPU"). The last
+    line for the swapped prediction on the real loop: with each crop predicting its own code (`t == s` in
+    swav_loss) the loss fell to 0.46 ln K in the first epoch and kNN ended at 28.3%, below random init. Wall time
+    621 s under a load average of 6-7 (the same run on one thread took 199 s at load 5-8); not yet timed idle."""
+    assert_it_learns("swav.py", "--max-steps 78", tmp_path, margin=0.08)
