@@ -185,8 +185,10 @@ def augment_patches(patches, gen, version="v2"):
     - v2 (Sec. 4.1): colour dropping (Doersch et al. 2015): keep one random colour channel, the other two set to 0
       (Deviation: 0 is the mean; Doersch et al. fill the dropped channels with Gaussian noise);
     - v2: a horizontal flip with p 0.5 per patch (our reading of the papers' "flip");
-    - v1 and v2: a random window of side p - p/16 inside the patch, the rest set to 0 (v1 Sec. 3.2: a random 60 x 60
-      crop of each 64 x 64 patch, padded back to 64; the deepul port does the same for v2).
+    - v1 and v2: a random window of side p - p/16 of the patch, padded back centred with 0 (v1 Sec. 3.2: "a random
+      60x60 subcrop [of each 64x64 crop], pad them back to a 64x64 image"), so its content moves by up to 2 px of 64:
+      v2 Sec. 4.1 calls this "spatially jitters individual patches". Deviation: where the pad goes is not given;
+      centred is our reading (the deepul port instead zeroes the border around the window in place: no shift).
     Deviation: v2's further augmentations (colour jitter, grayscale, elastic deformations, and the others its
     appendix lists) are left out."""
     m, c, p, _ = patches.shape
@@ -197,10 +199,14 @@ def augment_patches(patches, gen, version="v2"):
         flip = torch.rand(m, device=dev, generator=gen) < 0.5
         patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
     side = p - max(1, p // 16)
+    off = (p - side) // 2  # the window lands at [off, off + side): its content moves by off - top, off - left
     top, left = torch.randint(p - side + 1, (2, m, 1), device=dev, generator=gen)
     pos = torch.arange(p, device=dev)
-    rows, cols = (pos >= top) & (pos < top + side), (pos >= left) & (pos < left + side)  # (m, p) each
-    return patches * (rows[:, None, :, None] & cols[:, None, None, :])
+    rows, cols = (pos + top - off).clamp(0, p - 1), (pos + left - off).clamp(0, p - 1)  # (m, p): source pixel
+    n_idx, c_idx = torch.arange(m, device=dev)[:, None, None, None], torch.arange(c, device=dev)[:, None, None]
+    moved = patches[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]  # (m, c, p, p), shifted
+    inside = (pos >= off) & (pos < off + side)
+    return moved * (inside[:, None] & inside).to(patches.dtype)
 
 
 # ---- MODEL -------------------------------------------------------------------------------------------------
