@@ -121,19 +121,22 @@ parser.add_argument("--target-dim", type=positive_int, default=64, help="targets
 parser.add_argument("--context-dim", type=positive_int, default=None, help="PixelCNN bottleneck (recipe; A.2: 256)")
 
 # ImageNet: 256-px crops cut into 64-px patches at stride 32, a 7 x 7 grid (v1 Sec. 3.2); Adam lr 2e-4, batch 512
-# (v1 Sec. 3.2: 32 GPUs x 16); kNN as DINO. Deviation: v2 uses the same 64/32 geometry here; v2's own patch size
-# and stride (recalled as 80-px patches, not verified against the paper's body) are not followed. Deviation: a
-# post-activation torchvision ResNet-50, all four stages (as the deepul port; v1: the first three stacks of a
-# ResNet-v2-101, v2: a ResNet-161 third stack); 200 epochs and the cosine schedule: the sources leave these open.
+# (v1 Sec. 3.2: 32 GPUs x 16; Deviation: v1 names no betas, eps or weight decay: torch's defaults, wd 0); kNN as
+# DINO. Deviation: v2 uses the same 64/32 geometry here; v2's own patch size and stride (recalled as 80-px patches,
+# not verified against the paper's body) are not followed. Deviation: a post-activation torchvision ResNet-50, all
+# four stages (as the deepul port; v1: the first three stacks of a ResNet-v2-101, v2: a ResNet-161 third stack);
+# 200 epochs and the cosine schedule: the sources leave these open.
 IMAGENET = dict(arch="resnet50", image_size=256, epochs=200, batch_size=512, lr=2e-4, wd=0.0, betas=(0.9, 0.999))
 IMAGENET |= dict(eps=1e-8, context_dim=256, knn_k=20, knn_t=0.07)
-# pl_bolts cpc_module.py (CIFAR-10): 8-px patches at stride 4 of 32 px (7 x 7), Adam betas (0.8, 0.999), eps 1e-7,
-# wd 1e-5, lr 4e-5, batch 64, 1000 epochs; kNN k 200, T 0.1 (InstDisc). Deviation: a CIFAR ResNet-18 encoder (the
-# CIFAR stem on 8-px patches; pl_bolts uses its ResNet-101 variant), to keep (B * 49)^2 logits per offset and the
-# encoder within one GPU. Deviation: pl_bolts' image-level augmentation (flip, RandomTranslateWithReflect(4) p 0.8,
-# ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale p 0.25, no per-patch augmentation) is replaced by the paper's
-# per-patch one, its constant lr by a cosine, and its STL-10 recipe (lr 1e-4, batch 144, RandomResizedCrop 64 with
-# scale (0.3, 1)) by the CIFAR values on a 64-px whole image: we follow the papers' augmentation over the port's.
+# pl_bolts (CIFAR-10): 8-px patches at stride 4 of 32 px (7 x 7), Adam betas (0.8, 0.999), eps 1e-7, wd 1e-5
+# (cpc_module.py configure_optimizers); lr 4e-5, batch 64, 1000 epochs (its docs' CIFAR-10 row, models/
+# self_supervised.rst; cpc_module.py's own defaults are lr 1e-4, CLI 1e-5, batch 128); kNN k 200, T 0.1 (InstDisc).
+# Deviation: a CIFAR ResNet-18 encoder (the CIFAR stem on 8-px patches; pl_bolts uses its ResNet-101 variant), to
+# keep (B * 49)^2 logits per offset and the encoder within one GPU. Deviation: pl_bolts' image-level augmentation
+# (flip, RandomTranslateWithReflect(4) p 0.8, ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale p 0.25, no per-patch
+# augmentation) is replaced by the paper's per-patch one, its constant lr by a cosine, and its STL-10 recipe (lr
+# 1e-4, batch 144, RandomResizedCrop 64 with scale (0.3, 1)) by the CIFAR values on a 64-px whole image: we follow
+# the papers' augmentation over the port's.
 SMALL = dict(arch="resnet18", epochs=1000, batch_size=64, lr=4e-5, wd=1e-5, betas=(0.8, 0.999), eps=1e-7)
 SMALL |= dict(context_dim=256, knn_k=200, knn_t=0.1)
 # `python cpc.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
@@ -213,7 +216,9 @@ def augment_patches(patches, gen, version="v2"):
 class PixelCNN(nn.Module):
     """The context network g_ar of v2 App. A.2: 5 residual blocks of [1x1 -> hidden, ReLU, 1x3 (same), pad one
     row on top, 2x1 (valid), ReLU, 1x1 -> D] and a final ReLU. The 2x1 valid conv over a top-padded grid gives
-    row i a view of rows i-1 and i only, so after 5 blocks c_ij depends on rows <= i (and on every column)."""
+    row i a view of rows i-1 and i only, so after 5 blocks c_ij depends on rows <= i (and on every column).
+    Deviation: v1 uses it too (v1 Sec. 3.2 says only "a PixelCNN-style autoregressive model"); every layer here and
+    in CPC keeps PyTorch's default initialisation (the papers give none)."""
 
     def __init__(self, dim, hidden=256, blocks=5):
         super().__init__()
@@ -241,7 +246,8 @@ class CPC(nn.Module):
     offset and direction (1x1 convs, one per offset as App. A.2's loop over k; not shared across offsets as
     pl_bolts' loss does). Directions (axis, sign) as DIRECTIONS: v2 also predicts up, right and left: the same g_ar
     runs over the grid turned upside down (c_ij sees rows >= i), transposed (columns <= j) or both (columns >= j).
-    Deviation: the papers do not say how the other contexts are computed; sharing g_ar is our choice."""
+    Deviation: the papers do not say how the other contexts are computed; sharing g_ar across directions and giving
+    each direction its own W_k are our choices."""
 
     def __init__(self, backbone, offsets, directions, target_dim=64, context_dim=256):
         super().__init__()
@@ -269,7 +275,9 @@ class CPC(nn.Module):
 
 
 class GridEncoder(nn.Module):
-    """What evaluation sees: images (B, C, S, S) -> the mean of the un-augmented grid's patch latents (B, D)."""
+    """What evaluation sees: images (B, C, S, S) -> the mean of the un-augmented grid's patch latents (B, D) (v1
+    Sec. 3.2: the linear classifier sees the 7x7 grid mean-pooled). Deviation: in colour for v1 too, which trains on
+    greyscale images; v1 does not say what its classifier saw."""
 
     def __init__(self, backbone, patch, stride):
         super().__init__()
