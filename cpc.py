@@ -28,9 +28,8 @@ value open is marked "Deviation:" and listed in the README.
     torchrun --nproc_per_node=8 cpc.py --data /path/to/imagenet    # 8 GPUs, --batch-size is the global batch
 
 Result on the built-in shapes, CPU, tiny backbone: `python cpc.py --max-steps 100` (100 of the demo's 936 steps)
-reaches kNN top-1 38.8% (linear probe 84.8%) against 27.1% (65.8%) for its random init evaluated the same way
-(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%), measured when v2 predicted down and up only; with the four
-directions now, seed 0 is re-checked by tests/test_cpc.py::test_it_learns. GPU numbers are still to be measured.
+reaches kNN top-1 33.3% (linear probe 83.6%) against 27.1% (65.8%) for its random init evaluated the same way
+(seed 0; seeds 1, 2: 34.0% vs 28.5%, 36.1% vs 28.1%). GPU numbers are still to be measured.
 """
 
 import argparse
