@@ -28,9 +28,8 @@ value open is marked "Deviation:" and listed in the README.
     torchrun --nproc_per_node=8 cpc.py --data /path/to/imagenet    # 8 GPUs, --batch-size is the global batch
 
 Result on the built-in shapes, CPU, tiny backbone: `python cpc.py --max-steps 100` (100 of the demo's 936 steps)
-reaches kNN top-1 38.8% (linear probe 84.8%) against 27.1% (65.8%) for its random init evaluated the same way
-(seed 0; seeds 1, 2: 36.0% vs 28.5%, 37.1% vs 28.1%), measured when v2 predicted down and up only; with the four
-directions now, seed 0 is re-checked by tests/test_cpc.py::test_it_learns. GPU numbers are still to be measured.
+reaches kNN top-1 33.3% (linear probe 83.6%) against 27.1% (65.8%) for its random init evaluated the same way
+(seed 0; seeds 1, 2: 34.0% vs 28.5%, 36.1% vs 28.1%). GPU numbers are still to be measured.
 """
 
 import argparse
@@ -121,19 +120,22 @@ parser.add_argument("--target-dim", type=positive_int, default=64, help="targets
 parser.add_argument("--context-dim", type=positive_int, default=None, help="PixelCNN bottleneck (recipe; A.2: 256)")
 
 # ImageNet: 256-px crops cut into 64-px patches at stride 32, a 7 x 7 grid (v1 Sec. 3.2); Adam lr 2e-4, batch 512
-# (v1 Sec. 3.2: 32 GPUs x 16); kNN as DINO. Deviation: v2 uses the same 64/32 geometry here; v2's own patch size
-# and stride (recalled as 80-px patches, not verified against the paper's body) are not followed. Deviation: a
-# post-activation torchvision ResNet-50, all four stages (as the deepul port; v1: the first three stacks of a
-# ResNet-v2-101, v2: a ResNet-161 third stack); 200 epochs and the cosine schedule: the sources leave these open.
+# (v1 Sec. 3.2: 32 GPUs x 16; Deviation: v1 names no betas, eps or weight decay: torch's defaults, wd 0); kNN as
+# DINO. Deviation: v2 uses the same 64/32 geometry here; v2's own patch size and stride (recalled as 80-px patches,
+# not verified against the paper's body) are not followed. Deviation: a post-activation torchvision ResNet-50, all
+# four stages (as the deepul port; v1: the first three stacks of a ResNet-v2-101, v2: a ResNet-161 third stack);
+# 200 epochs and the cosine schedule: the sources leave these open.
 IMAGENET = dict(arch="resnet50", image_size=256, epochs=200, batch_size=512, lr=2e-4, wd=0.0, betas=(0.9, 0.999))
 IMAGENET |= dict(eps=1e-8, context_dim=256, knn_k=20, knn_t=0.07)
-# pl_bolts cpc_module.py (CIFAR-10): 8-px patches at stride 4 of 32 px (7 x 7), Adam betas (0.8, 0.999), eps 1e-7,
-# wd 1e-5, lr 4e-5, batch 64, 1000 epochs; kNN k 200, T 0.1 (InstDisc). Deviation: a CIFAR ResNet-18 encoder (the
-# CIFAR stem on 8-px patches; pl_bolts uses its ResNet-101 variant), to keep (B * 49)^2 logits per offset and the
-# encoder within one GPU. Deviation: pl_bolts' image-level augmentation (flip, RandomTranslateWithReflect(4) p 0.8,
-# ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale p 0.25, no per-patch augmentation) is replaced by the paper's
-# per-patch one, its constant lr by a cosine, and its STL-10 recipe (lr 1e-4, batch 144, RandomResizedCrop 64 with
-# scale (0.3, 1)) by the CIFAR values on a 64-px whole image: we follow the papers' augmentation over the port's.
+# pl_bolts (CIFAR-10): 8-px patches at stride 4 of 32 px (7 x 7), Adam betas (0.8, 0.999), eps 1e-7, wd 1e-5
+# (cpc_module.py configure_optimizers); lr 4e-5, batch 64, 1000 epochs (its docs' CIFAR-10 row, models/
+# self_supervised.rst; cpc_module.py's own defaults are lr 1e-4, CLI 1e-5, batch 128); kNN k 200, T 0.1 (InstDisc).
+# Deviation: a CIFAR ResNet-18 encoder (the CIFAR stem on 8-px patches; pl_bolts uses its ResNet-101 variant), to
+# keep (B * 49)^2 logits per offset and the encoder within one GPU. Deviation: pl_bolts' image-level augmentation
+# (flip, RandomTranslateWithReflect(4) p 0.8, ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale p 0.25, no per-patch
+# augmentation) is replaced by the paper's per-patch one, its constant lr by a cosine, and its STL-10 recipe (lr
+# 1e-4, batch 144, RandomResizedCrop 64 with scale (0.3, 1)) by the CIFAR values on a 64-px whole image: we follow
+# the papers' augmentation over the port's.
 SMALL = dict(arch="resnet18", epochs=1000, batch_size=64, lr=4e-5, wd=1e-5, betas=(0.8, 0.999), eps=1e-7)
 SMALL |= dict(context_dim=256, knn_k=200, knn_t=0.1)
 # `python cpc.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
@@ -185,8 +187,10 @@ def augment_patches(patches, gen, version="v2"):
     - v2 (Sec. 4.1): colour dropping (Doersch et al. 2015): keep one random colour channel, the other two set to 0
       (Deviation: 0 is the mean; Doersch et al. fill the dropped channels with Gaussian noise);
     - v2: a horizontal flip with p 0.5 per patch (our reading of the papers' "flip");
-    - v1 and v2: a random window of side p - p/16 inside the patch, the rest set to 0 (v1 Sec. 3.2: a random 60 x 60
-      crop of each 64 x 64 patch, padded back to 64; the deepul port does the same for v2).
+    - v1 and v2: a random window of side p - p/16 of the patch, padded back centred with 0 (v1 Sec. 3.2: "a random
+      60x60 subcrop [of each 64x64 crop], pad them back to a 64x64 image"), so its content moves by up to 2 px of 64:
+      v2 Sec. 4.1 calls this "spatially jitters individual patches". Deviation: where the pad goes is not given;
+      centred is our reading (the deepul port instead zeroes the border around the window in place: no shift).
     Deviation: v2's further augmentations (colour jitter, grayscale, elastic deformations, and the others its
     appendix lists) are left out."""
     m, c, p, _ = patches.shape
@@ -197,17 +201,23 @@ def augment_patches(patches, gen, version="v2"):
         flip = torch.rand(m, device=dev, generator=gen) < 0.5
         patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
     side = p - max(1, p // 16)
+    off = (p - side) // 2  # the window lands at [off, off + side): its content moves by off - top, off - left
     top, left = torch.randint(p - side + 1, (2, m, 1), device=dev, generator=gen)
     pos = torch.arange(p, device=dev)
-    rows, cols = (pos >= top) & (pos < top + side), (pos >= left) & (pos < left + side)  # (m, p) each
-    return patches * (rows[:, None, :, None] & cols[:, None, None, :])
+    rows, cols = (pos + top - off).clamp(0, p - 1), (pos + left - off).clamp(0, p - 1)  # (m, p): source pixel
+    n_idx, c_idx = torch.arange(m, device=dev)[:, None, None, None], torch.arange(c, device=dev)[:, None, None]
+    moved = patches[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]  # (m, c, p, p), shifted
+    inside = (pos >= off) & (pos < off + side)
+    return moved * (inside[:, None] & inside).to(patches.dtype)
 
 
 # ---- MODEL -------------------------------------------------------------------------------------------------
 class PixelCNN(nn.Module):
     """The context network g_ar of v2 App. A.2: 5 residual blocks of [1x1 -> hidden, ReLU, 1x3 (same), pad one
     row on top, 2x1 (valid), ReLU, 1x1 -> D] and a final ReLU. The 2x1 valid conv over a top-padded grid gives
-    row i a view of rows i-1 and i only, so after 5 blocks c_ij depends on rows <= i (and on every column)."""
+    row i a view of rows i-1 and i only, so after 5 blocks c_ij depends on rows <= i (and on every column).
+    Deviation: v1 uses it too (v1 Sec. 3.2 says only "a PixelCNN-style autoregressive model"); every layer here and
+    in CPC keeps PyTorch's default initialisation (the papers give none)."""
 
     def __init__(self, dim, hidden=256, blocks=5):
         super().__init__()
@@ -235,7 +245,8 @@ class CPC(nn.Module):
     offset and direction (1x1 convs, one per offset as App. A.2's loop over k; not shared across offsets as
     pl_bolts' loss does). Directions (axis, sign) as DIRECTIONS: v2 also predicts up, right and left: the same g_ar
     runs over the grid turned upside down (c_ij sees rows >= i), transposed (columns <= j) or both (columns >= j).
-    Deviation: the papers do not say how the other contexts are computed; sharing g_ar is our choice."""
+    Deviation: the papers do not say how the other contexts are computed; sharing g_ar across directions and giving
+    each direction its own W_k are our choices."""
 
     def __init__(self, backbone, offsets, directions, target_dim=64, context_dim=256):
         super().__init__()
@@ -263,7 +274,9 @@ class CPC(nn.Module):
 
 
 class GridEncoder(nn.Module):
-    """What evaluation sees: images (B, C, S, S) -> the mean of the un-augmented grid's patch latents (B, D)."""
+    """What evaluation sees: images (B, C, S, S) -> the mean of the un-augmented grid's patch latents (B, D) (v1
+    Sec. 3.2: the linear classifier sees the 7x7 grid mean-pooled). Deviation: in colour for v1 too, which trains on
+    greyscale images; v1 does not say what its classifier saw."""
 
     def __init__(self, backbone, patch, stride):
         super().__init__()

@@ -35,8 +35,8 @@ def test_grid_encoder_is_the_mean_of_the_patch_latents():
 
 
 def test_patch_augmentation_drops_colours_flips_and_crops_each_patch():
-    """Each patch keeps one colour channel, a (p - p/16)-side window of its pixels, and is mirrored or not, each
-    drawn per patch: on a patch of column indices every outcome shows."""
+    """Each patch keeps one colour channel, a (p - p/16)-side window of its pixels (padded back at the centre), and
+    is mirrored or not, each drawn per patch: on a patch of column indices every outcome shows."""
     m, p = 400, 16
     cols = torch.arange(1.0, p + 1).expand(m, 3, p, p)  # value = column + 1: a mirror shows
     out = P.augment_patches(cols, torch.Generator().manual_seed(0))
@@ -47,25 +47,33 @@ def test_patch_augmentation_drops_colours_flips_and_crops_each_patch():
     side = p - p // 16
     rows, cols_on = (plane != 0).any(2), (plane != 0).any(1)
     assert torch.equal(rows.sum(1), torch.full((m,), side)) and torch.equal(cols_on.sum(1), torch.full((m,), side))
-    assert len({int(r.float().argmax()) for r in rows}) == p - side + 1  # every window position is drawn
+    off = (p - side) // 2
+    assert rows[:, off : off + side].all() and cols_on[:, off : off + side].all()  # padded back at the centre
     first = plane[torch.arange(m), rows.float().argmax(1)]  # a row inside each window, (m, p)
     inside = (first[:, 1:] != 0) & (first[:, :-1] != 0)  # neighbouring pixels both in the window
     steps = torch.where(inside, first.diff(dim=1), torch.zeros_like(first[:, 1:]))  # +-1 inside, 0 outside
     ascending, descending = (steps >= 0).all(1), (steps <= 0).all(1)
     assert torch.equal(ascending ^ descending, torch.ones(m, dtype=torch.bool))  # mirrored or not, as a whole
     assert 0.4 < descending.float().mean() < 0.6  # about half the patches mirrored
+    assert set(first[ascending, off].tolist()) == set(range(1, p - side + 2))  # every window position is drawn
 
 
-def test_v1_patch_augmentation_only_crops_a_window():
-    """v1 Sec. 3.2: each patch keeps a random (p - p/16)-side window, every channel, unmirrored (colour and flip
-    are v1's image-level greyscale and flip, in view_recipe)."""
-    m, p = 200, 16
-    x = torch.arange(1.0, p + 1).expand(m, 3, p, p)
+def test_v1_patch_augmentation_only_crops_a_window_and_pads_it_back_centred():
+    """v1 Sec. 3.2: each patch is a random (p - p/16)-side window of itself, every channel, unmirrored, padded back
+    at the centre, so its content moves ("spatially jitters", v2 Sec. 4.1) by every shift the window allows (colour
+    and flip are v1's image-level greyscale and flip, in view_recipe)."""
+    m, p = 200, 32
+    side = p - p // 16
+    off = (p - side) // 2
+    x = torch.arange(1.0, p * p + 1).view(p, p).expand(m, 3, p, p)  # pixel (y, x) holds y * p + x + 1
     out = P.augment_patches(x, torch.Generator().manual_seed(0), "v1")
-    on = out != 0
-    assert torch.equal(out[on], x[on])  # kept pixels unchanged: no colour drop, no mirror
-    assert torch.equal(on.sum((1, 2, 3)), torch.full((m,), 3 * (p - p // 16) ** 2))
-    assert len({int(r.float().argmax()) for r in on[:, 0].any(2)}) == p // 16 + 1  # every window position
+    window = torch.zeros(p, p, dtype=torch.bool)
+    window[off : off + side, off : off + side] = True
+    assert torch.equal(out != 0, window.expand(m, 3, p, p))  # every channel kept, the window at the centre
+    moved = (out - x)[:, :, off : off + side, off : off + side]  # dy * p + dx, one shift per patch
+    assert torch.equal(moved, moved[:, :1, :1, :1].expand_as(moved))  # a pure translation, no colour drop/mirror
+    shifts = {divmod(int(d) + off * (p + 1), p) for d in moved[:, 0, 0, 0]}  # (dy + off, dx + off)
+    assert shifts == {(i, j) for i in range(p - side + 1) for j in range(p - side + 1)}  # every shift drawn
     v1, v2 = P.view_recipe(32, True, "v1")[0], P.view_recipe(32, True, "v2")[0]
     assert (v1.flip_p, v1.gray_p, v2.flip_p, v2.gray_p) == (0.5, 1.0, 0.0, 0.0)
 
