@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import REPO, assert_resume_is_exact, builtin_data, first_loss, read_metrics, run_script
+from conftest import assert_resume_is_exact, builtin_data, first_loss, read_metrics, run_on_two_ranks, run_script
 
 import common as C
 import cpc as P
@@ -182,10 +182,7 @@ def test_under_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_
     equal one process on the whole batch (tests/dist_cpc.py)."""
     import dist_cpc
 
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_cpc.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (loss, grads), (ref_loss, ref_grads) = torch.load(out, weights_only=True), dist_cpc.single_process_reference()
+    (loss, grads), (ref_loss, ref_grads) = run_on_two_ranks(dist_cpc, tmp_path), dist_cpc.single_process_reference()
     assert loss == pytest.approx(ref_loss, abs=1e-6)
     for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
