@@ -20,8 +20,9 @@ it is marked "Deviation:" below and listed in the README.
 
 kNN and the linear probe see the two backbones' features concatenated (LinearProbing.py). Result on the
 built-in shapes, 2-core CPU, tiny backbones: after 200 of the demo's 390 steps (seed 0) not yet above the
-random-init networks (kNN 20.5% vs 31.3%), nor with the full softmax, a lower lr, a higher tau or --nce-m 0 (at
-best 25.9% in 100 steps); the README ("CMC on the CPU") has the details. GPU numbers are still to be measured.
+random-init networks (kNN 20.5% vs 31.3%), nor with the full softmax, a lower lr, a higher tau, --nce-m 0 or
+instdisc.py's demo recipe at 400 steps (21.7%); the README ("CMC on the CPU") has the details. GPU numbers are
+still to be measured.
 """
 
 import argparse
