@@ -20,14 +20,14 @@ it is marked "Deviation:" below and listed in the README.
 
 kNN and the linear probe see the two backbones' features concatenated (LinearProbing.py). Result on the
 built-in shapes, 2-core CPU, tiny backbones: after 200 of the demo's 390 steps (seed 0) not yet above the
-random-init networks (kNN 20.5% vs 31.3%), nor with the full softmax, a lower lr, a higher tau or --nce-m 0 (at
-best 25.9% in 100 steps); the README ("CMC on the CPU") has the details. GPU numbers are still to be measured.
+random-init networks (kNN 20.5% vs 31.3%), nor with the full softmax, a lower lr, a higher tau, --nce-m 0 or
+instdisc.py's demo recipe at 400 steps (21.7%); the README ("CMC on the CPU") has the details. GPU numbers are
+still to be measured.
 """
 
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from common import (
     ARCHS,
     Logger,
+    MemoryBank,
     StopSignal,
     TrainLoader,
     UserError,
@@ -238,73 +239,9 @@ def learning_rate(step, steps_per_epoch, args):
 
 
 # ---- LOSS --------------------------------------------------------------------------------------------------
-def nce_loss(p, n, eps=1e-7):
-    """NCECriterion.py (Sec. 3.2), with p = P(j | f) (B, K + 1), the data row in column 0 and K noise rows drawn
-    from the uniform Pn = 1/N: -(1/B) sum_i [log h(i) + sum_k log(1 - h(j_k))], h = P / (P + K Pn). eps as the
-    official code adds it."""
-    k_pn = (p.shape[1] - 1) / n  # K * Pn
-    log_data = torch.log(p[:, 0] / (p[:, 0] + k_pn + eps))  # P(origin = data) for the positive
-    log_noise = torch.log(k_pn / (p[:, 1:] + k_pn + eps))  # P(origin = noise) for each noise row
-    return -(log_data.sum() + log_noise.sum()) / len(p)
-
-
-class MemoryBank(nn.Module):
-    """V (N x dim, one row per training image) with the instance-discrimination loss against it:
-    lib/NCEAverage.py + NCECriterion.py (nce_k > 0) or lib/LinearAverage.py + cross-entropy (nce_k 0); with
-    `softmax`, CMC's NCESoftmaxLoss: cross-entropy over the K + 1 rows, the data row the label. A copy of
-    instdisc.py's MemoryBank with that option added.
-    `memory` starts as lemniscate's U(-s, s), s = 1 / sqrt(dim / 3) (not normalised); `Z` is -1 until the first
-    batch sets it (NCEAverage.py:31-34). Used for one bank per view by cmc.py.
-
-    Order of a step: loss = bank(f, idx, noise, set_z) scores f against the bank as it was (the positive is the
-    image's own row v_i from its last visit, not f_i); after the loss, update(every rank's f, idx) moves the
-    rows. The official code updates inside a custom autograd backward (NCEAverage.py:62-68); here it is a
-    no_grad step after the loss, with the same maths, since nothing reads the bank in between."""
-
-    def __init__(self, n, dim=128, nce_k=4096, temperature=0.07, momentum=0.5, softmax=False):
-        super().__init__()
-        self.n, self.nce_k, self.temperature, self.momentum = n, nce_k, temperature, momentum
-        self.softmax = softmax
-        s = 1 / math.sqrt(dim / 3)
-        self.register_buffer("memory", torch.rand(n, dim) * 2 * s - s)  # (N, dim), global RNG (seeded)
-        self.register_buffer("Z", torch.tensor(-1.0))  # the NCE normalising constant; -1: not estimated yet
-
-    def draw_noise(self, batch, gen):
-        """K noise indices per row, uniform over all N rows, with replacement: AliasMethod over uniform
-        unigrams (alias_multinomial.py) is uniform sampling. The image's own row can be drawn (CMC#56) and is
-        kept on purpose: NCE's loss assumes noise from Pn = 1/N over every row (the K Pn term); excluding
-        i would make the noise distribution 1/(N-1) over the others. The chance is K/N per noise row."""
-        return torch.randint(self.n, (batch, self.nce_k), generator=gen, device=self.memory.device)
-
-    def forward(self, f, idx, noise=None, set_z=False):
-        """f: (B, dim) L2-normalised float features, idx: (B,) their images' rows, noise: (B, K) rows from
-        draw_noise. Returns the mean loss over the B rows. `set_z` (the run's first step): Z <- N * the mean of
-        exp(v . f / tau) over every score of the global batch (all ranks), then fixed."""
-        if self.nce_k == 0:  # LinearAverage.py: logits V f / tau over every image, cross-entropy on its own row
-            return F.cross_entropy(f @ self.memory.T / self.temperature, idx)
-        rows = torch.cat([idx[:, None], noise], 1)  # (B, K + 1): the data row first (NCEAverage.py:20)
-        if rows.numel() >= self.n:  # the same scores, cheaper: every row's score, then the drawn ones picked
-            out = (f @ self.memory.T).gather(1, rows).div(self.temperature)  # (B, K + 1)
-        else:
-            out = torch.einsum("bkd,bd->bk", self.memory[rows], f).div(self.temperature)  # (B, K + 1)
-        if self.softmax:  # NCECriterion.py NCESoftmaxLoss: the data row (column 0) is the label
-            return F.cross_entropy(out, torch.zeros_like(idx))
-        out = out.exp()
-        if set_z:
-            z = out.detach().mean() * self.n
-            if dist.is_initialized():  # every rank scores the same number of rows: the mean of the means
-                dist.all_reduce(z)
-                z /= dist.get_world_size()
-            self.Z.copy_(z)
-        return nce_loss(out / self.Z, self.n)
-
-    @torch.no_grad()
-    def update(self, f, idx):
-        """v_i <- normalize(m v_i + (1 - m) f_i) at the rows idx (NCEAverage.py:62-68); f, idx of every rank."""
-        v = self.memory[idx] * self.momentum + f * (1 - self.momentum)
-        self.memory.index_copy_(0, idx, F.normalize(v, dim=1))
-
-
+# Each view's bank and its loss are common.py's MemoryBank (instdisc.py's, with NCE/NCECriterion.py's
+# NCESoftmaxLoss as `softmax`): NCE with the view's own Z, or the softmax over the K + 1 rows (over every row with
+# --nce-k 0); the cross-view pairing (f_l against V_ab, f_ab against V_l) is in TRAIN below.
 def embedding_knn(name, model, train_f, data, env, args, autocast):
     """test.py kNN: the test images' embeddings against train_f (N, dim) (the bank, or the re-embedded training
     set), the top-k neighbours voting with weight exp(s / T); {name: top-1}. Unlabeled rows (STL-10) do not vote."""

@@ -157,7 +157,10 @@ def test_one_step_on_the_real_loop_nce_z_bank_and_logged_loss(tmp_path):
     folder, out, steps = folder_of(tmp_path / "data", 8), tmp_path / "run", tmp_path / "steps.pt"
     flags = "--arch tiny --image-size 32 --workers 0 --eval-every -1 --batch-size 4 --nce-k 4 --dim 8 --max-steps 2"
     script = REPO / "tests" / "capture_steps.py"
-    r = run_script(script, steps, "instdisc", "MemoryBank", "nce_loss", "--data", folder, flags, "--output-dir", out)
+    # LOSS: the bank's loss is inside MemoryBank.forward (common.py); embedding_knn, never called with
+    # --eval-every -1, fills capture_steps.py's LOSS slot
+    capture = [script, steps, "instdisc", "MemoryBank", "embedding_knn"]
+    r = run_script(*capture, "--data", folder, flags, "--output-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     records, ckpt = torch.load(steps, weights_only=False), checkpoint(out)
     banks = [rec["buffers"] for rec in records] + [ckpt["bank"]]  # the bank as each step found it, and at the end
