@@ -1,6 +1,8 @@
 """dino.py: the loss against the paper's equations, the centre and the schedules by hand, the centre under
 torchrun, the frozen last layer, the collapse diagnostics, the ViT at other crop sizes and its drop path, BN in
-the head, the script end to end with exact resume (teacher and centre included), and the built-in demo learning."""
+the head, the script end to end with exact resume (teacher and centre included). No learning test: after 100 demo
+steps the teacher's kNN (seed 0: 35.2%) is above the random init's 33.0% but below the same run with the teacher
+frozen at its init (40.8%: its BN running statistics adapt to the data), so it could not fail without the EMA."""
 
 import math
 from types import SimpleNamespace
@@ -8,15 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    REPO,
-    assert_it_learns,
-    assert_resume_is_exact,
-    assert_runs_in_bfloat16,
-    assert_trained_run,
-    checkpoint,
-    run_script,
-)
+from conftest import REPO, assert_resume_is_exact, assert_runs_in_bfloat16, assert_trained_run, checkpoint, run_script
 
 import common as C
 import dino as D
@@ -297,12 +291,3 @@ def test_bn_in_the_head_follows_vision_transformer_py():
     assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
     kinds = [type(m).__name__ for m in D.DINOHead(8, 16, hidden_dim=32, bottleneck_dim=4).mlp]
     assert kinds == ["Linear", "GELU", "Linear", "GELU", "Linear"]
-
-
-def test_it_learns(tmp_path):
-    """100 of the demo's 390 steps (seed 0): kNN top-1 of the teacher's backbone (what DINO evaluates) above the
-    same-seed random-init network. Seeds 0 / 1 / 2: 35.2 / 32.7 / 25.9% against 33.0 / 28.7 / 25.0% (+2.2 / +4.0
-    / +0.9 points, one thread), so the margin is small (1 point). A teacher that is not the student's EMA stays at
-    its init and fails it exactly; so does a run without centring (it collapses). The recipe and why: dino.py,
-    RECIPES["builtin"]."""
-    assert_it_learns("dino.py", "--max-steps 100", tmp_path, margin=0.01)
