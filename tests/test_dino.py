@@ -1,7 +1,8 @@
 """dino.py: the loss against the paper's equations, the centre and the schedules by hand, the centre under
-torchrun, the frozen last layer, the collapse diagnostics, the ViT at other crop sizes and its drop path, the
-script end to end with exact resume (teacher and centre included). Not yet here: a learning test on the built-in
-data (its margin over the random init is still to be measured; see the README)."""
+torchrun, the frozen last layer, the collapse diagnostics, the ViT at other crop sizes and its drop path, BN in
+the head, the script end to end with exact resume (teacher and centre included). No learning test: after 100 demo
+steps the teacher's kNN (seed 0: 35.2%) is above the random init's 33.0% but below the same run with the teacher
+frozen at its init (40.8%: its BN running statistics adapt to the data), so it could not fail without the EMA."""
 
 import math
 from types import SimpleNamespace
@@ -281,3 +282,12 @@ def test_end_to_end_and_resume_is_exact_including_the_teacher_and_the_centre(tmp
     backbone = torch.load(run / "backbone.pt", weights_only=True)  # the teacher's, what DINO evaluates
     assert all(torch.equal(v, model[f"teacher_backbone.{k}"]) for k, v in backbone.items())
     assert_runs_in_bfloat16("dino.py", TINY_FLAGS, tmp_path, run)
+
+
+def test_bn_in_the_head_follows_vision_transformer_py():
+    """--use-bn-in-head (vision_transformer.py DINOHead use_bn): BatchNorm1d after each of the two hidden Linear
+    layers, before the GELU; none after the bottleneck Linear; none without the flag."""
+    kinds = [type(m).__name__ for m in D.DINOHead(8, 16, hidden_dim=32, bottleneck_dim=4, use_bn=True).mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    kinds = [type(m).__name__ for m in D.DINOHead(8, 16, hidden_dim=32, bottleneck_dim=4).mlp]
+    assert kinds == ["Linear", "GELU", "Linear", "GELU", "Linear"]
