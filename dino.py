@@ -248,8 +248,9 @@ class DINOHead(nn.Module):
 
     def forward(self, x):
         """(n, K) scores in float32 whatever the autocast dtype: the MLP runs in it, the L2 normalisation and the
-        K-wide last layer outside it. Deviation: main_dino.py runs the whole head in fp16 (10-bit mantissa); bf16
-        (7 bits) would round the scores 8x more coarsely before the loss divides them by tau_t = 0.04."""
+        K-wide last layer outside it (on CUDA that product runs in TF32, which setup() allows: 10-bit inputs, as
+        fp16's). Deviation: main_dino.py runs the whole head in fp16 (10-bit mantissa); bf16 (7 bits) would round
+        the scores 8x more coarsely before the loss divides them by tau_t = 0.04."""
         z = self.mlp(x)
         with torch.autocast(z.device.type, enabled=False):
             return self.last_layer(F.normalize(z.float(), dim=-1))

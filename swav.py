@@ -225,9 +225,10 @@ class SwAV(nn.Module):
                 h.append(self.backbone(torch.cat(crops[start:end])))
                 start = end
         z = self.projector(torch.cat(h))
-        # Scores z . C: (crops * N, K) in float32 whatever the autocast dtype (128 x K: cheap), so the codes and
-        # the loss see unrounded scores. Deviation: main_swav.py's apex O1 computes them in fp16; bf16 would
-        # round them 8x more coarsely, and exp(s / eps) at eps 0.05 magnifies that.
+        # Scores z . C: (crops * N, K) outside autocast (128 x K: cheap): float32 storage and sums; on CUDA the
+        # product runs in TF32 (setup() allows it: 10-bit inputs, as fp16's). z itself leaves the projector's last
+        # Linear in bf16 (8-bit). Deviation: main_swav.py's apex O1 computes the scores in fp16; bf16 scores would
+        # round 8x more coarsely, and exp(s / eps) at eps 0.05 magnifies that.
         with torch.autocast(z.device.type, enabled=False):
             z = F.normalize(z.float(), dim=1)  # (crops * N, dim)
             return z, self.prototypes(z)
