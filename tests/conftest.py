@@ -139,16 +139,28 @@ def builtin_data():
 
 
 @functools.lru_cache
+@functools.lru_cache
 def random_init_knn(seed):
-    """kNN top-1 (k 200, T 0.1) on the built-in data of the tiny backbone a CPU run with this seed starts from:
-    setup() seeds the global RNG and every method file builds its backbone first."""
+    """kNN top-1 (k 200, T 0.1) on the built-in data of the tiny backbone a CPU run with this seed starts from
+    (setup() seeds the global RNG and every method file builds its backbone first), with its batch-norm running
+    statistics estimated on 30 batches of 256 augmented training views (SimSiam's small-image views), weights
+    untouched. A training run's forward passes re-estimate those statistics without learning anything, and that
+    alone lifts kNN by 5-6 points over PyTorch's initial statistics (mean 0, variance 1): 38.8 / 33.5 / 31.4%
+    against 33.0 / 28.7 / 24.9% for seeds 0 / 1 / 2. So a learning test's margin is counted from this baseline."""
     import common as C
+    import simsiam as S
 
     class Args:
         image_size, workers, knn_k, knn_t = 32, 0, 200, 0.1
 
+    data, env = builtin_data(), C.Env(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(seed)
-    return C.evaluate(C.TinyNet(), builtin_data(), C.Env(0, 1, 0, torch.device("cpu")), Args)["eval/knn_top1"]
+    net = C.TinyNet().train()
+    loader = C.TrainLoader(data, S.view_recipe(32, small=True), 256, env, seed=seed)
+    with torch.no_grad():
+        for _, views in zip(range(30), loader.epoch(0)):
+            net(views[0])
+    return C.evaluate(net, data, env, Args)["eval/knn_top1"]
 
 
 def final_knn(script, flags, seed, run_dir):
@@ -159,7 +171,8 @@ def final_knn(script, flags, seed, run_dir):
 
 
 def assert_it_learns(script, flags, tmp_path, seed=0, margin=0.08, baseline=None, baseline_margin=0.03):
-    """A short CPU run on the built-in data lifts kNN top-1 `margin` above the network it started from and,
+    """A short CPU run on the built-in data lifts kNN top-1 `margin` above the network it started from (with its
+    batch-norm statistics estimated on the data: `random_init_knn`) and,
     with `baseline` (flags that switch the method's mechanism off: a frozen target, no stop-gradient),
     `baseline_margin` above the same run with the mechanism off."""
     trained = final_knn(script, flags, seed, tmp_path / "learn")

@@ -89,9 +89,10 @@ def test_end_to_end_and_resume_is_exact_including_the_target(tmp_path):
 
 
 def test_it_learns(tmp_path):
-    """100 steps of the built-in demo (about 80 s): kNN top-1 39.5% against 33.0% for the random-init network
-    (seed 0). BYOL starts slowest of the methods here (no negatives, a lagging target), hence the smaller margin;
-    the demo's crops from 30% of the area are what make 100 steps enough (byol.py, RECIPES["builtin"]).
+    """200 steps of the built-in demo: kNN top-1 above the random-init network with its batch-norm statistics
+    estimated on the data (38.8%, seed 0; conftest.random_init_knn). At 100 steps BYOL reached 39.5%, which is
+    that baseline, not learning: BYOL starts slowest of the methods here (no negatives, a lagging target); the
+    README's 200-step figure is 52.3% (the demo's crops from 30% of the area: byol.py, RECIPES["builtin"]).
     No mechanism-off baseline here: at this budget a target frozen at its init (--tau-base 1.0) does nearly as
     well (seed 0: 38.4%), so the EMA update is pinned by exact one-step tests instead."""
-    assert_it_learns("byol.py", "--max-steps 100", tmp_path, margin=0.04)
+    assert_it_learns("byol.py", "--max-steps 200", tmp_path, margin=0.06)

@@ -10,7 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_resume_is_exact, assert_runs_in_bfloat16, assert_trained_run, checkpoint, run_script
+from conftest import (
+    assert_resume_is_exact,
+    assert_runs_in_bfloat16,
+    assert_trained_run,
+    checkpoint,
+    run_on_two_ranks,
+    run_script,
+)
 
 import common as C
 import dino as D
@@ -80,10 +87,7 @@ def test_centre_update_and_schedules_by_hand():
 def test_centre_and_gradients_under_torchrun_equal_one_process_on_the_global_batch(tmp_path):
     import dist_dino
 
-    out = tmp_path / "dist.pt"
-    r = run_script(REPO / "tests" / "dist_dino.py", out, torchrun=2, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res, ref = torch.load(out, weights_only=True), dist_dino.single_process_reference()
+    res, ref = run_on_two_ranks(dist_dino, tmp_path), dist_dino.single_process_reference()
     assert res["centers_equal"]
     torch.testing.assert_close(res["center"], ref["center"], atol=1e-6, rtol=1e-6)
     assert res["loss"] == pytest.approx(ref["loss"], abs=1e-6)

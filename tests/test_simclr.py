@@ -75,5 +75,6 @@ def test_end_to_end_and_resume_is_exact(tmp_path, version):
 
 
 def test_it_learns(tmp_path):
-    """v2, 100 steps (about 40 s): kNN 42.2% against 33.0% for the random-init network (seed 0)."""
-    assert_it_learns("simclr.py", "--version v2 --max-steps 100", tmp_path, margin=0.05)
+    """v2, 100 steps (about 40 s): kNN 42.2% against 38.8% for the random-init network with its batch-norm
+    statistics estimated on the data (conftest.random_init_knn; 33.0% with PyTorch's initial statistics), seed 0."""
+    assert_it_learns("simclr.py", "--version v2 --max-steps 100", tmp_path, margin=0.02)

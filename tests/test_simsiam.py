@@ -228,11 +228,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tmp_path):
 def test_it_learns(tmp_path):
     """`python simsiam.py` for 200 of its 390 steps (about 90 s on 2 cores) lifts kNN top-1 on the built-in
     shapes above the random-init network and far above the same run without the stop-gradient (collapsing).
-    Seeds 0 / 1 / 2: 44.2 / 43.1 / 38.4% trained, 33.0 / 28.7 / 25.0% at random init (+11 to +14, asserted at
-    +8), 16.2 / 23.1 / 19.6% without the stop-gradient (+19 to +28, asserted at +10). At 100 steps SimSiam has
-    not started yet (seed 0: 32.1%)."""
+    Seeds 0 / 1 / 2: 44.2 / 43.1 / 38.4% trained, 38.8 / 33.5 / 31.4% for the random-init network with its
+    batch-norm statistics estimated on the data (conftest.random_init_knn; 33.0 / 28.7 / 25.0% with PyTorch's
+    initial statistics): +5.4 to +9.6, asserted at +3; 16.2 / 23.1 / 19.6% without the stop-gradient (+19 to
+    +28, asserted at +10). At 100 steps SimSiam has not started yet (seed 0: 32.1%)."""
     assert_it_learns(
-        "simsiam.py", "--max-steps 200", tmp_path, margin=0.08, baseline="--no-stop-grad", baseline_margin=0.1
+        "simsiam.py", "--max-steps 200", tmp_path, margin=0.03, baseline="--no-stop-grad", baseline_margin=0.1
     )
 
 

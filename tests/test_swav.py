@@ -184,8 +184,9 @@ def test_end_to_end_and_resume_is_exact_including_the_queue(tmp_path):
 
 def test_it_learns(tmp_path):
     """The first 78 of the built-in demo's 390 steps (two epochs, the first with frozen prototypes; crops from 30%
-    of the area, K 100): the backbone's kNN top-1 rises 8 points above the same-seed random-init network's.
-    Seeds 0 / 1 / 2 by hand: 49.9 / 40.0 / 38.0% against 33.0 / 28.7 / 25.0% (README "SwAV on the CPU"). The last
+    of the area, K 100): the backbone's kNN top-1 rises 8 points above the same-seed random-init network's (its
+    batch-norm statistics estimated on the data: conftest.random_init_knn). Seeds 0 / 1 / 2 by hand: 49.9 / 40.0 /
+    38.0% against 38.8 / 33.5 / 31.4% (33.0 / 28.7 / 25.0% with PyTorch's initial statistics). The last
     line for the swapped prediction on the real loop: with each crop predicting its own code (`t == s` in
     swav_loss) the loss fell to 0.46 ln K in the first epoch and kNN ended at 28.3%, below random init. Wall time
     621 s under a load average of 6-7 (the same run on one thread took 199 s at load 5-8); not yet timed idle."""
