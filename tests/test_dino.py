@@ -29,7 +29,7 @@ def reference_loss(s, t, center, tau_t, tau_s, n):
     (x global, x' any other crop)."""
 
     def softmax(row, tau):
-        e = [math.exp(float(v) / tau) for v in row]
+        e = [math.exp(v / tau) for v in row.detach().tolist()]
         return [v / sum(e) for v in e]
 
     n_crops, pairs = len(s) // n, []
