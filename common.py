@@ -655,14 +655,15 @@ def sample_view(n, height, width, view, gen, device="cpu", crop=True):
     return p
 
 
-def apply_view(x, view, p):
+def apply_view(x, view, p, owned=False):
     """One view of a float batch (B, 3, H, W) in [0, 1] with the parameters of `sample_view`, in the sources'
     order: crop + flip, colour jitter and grayscale (in the view's order), blur, solarize. On the CPU each op
-    touches only the images it applies to; on CUDA the masked form (see `_by_subset`)."""
+    touches only the images it applies to; on CUDA the masked form (see `_by_subset`). `owned`: x is a temporary
+    of the caller's, which the CPU's subset ops may then write in place instead of into a copy."""
     if "crop" in p:
         x = resized_crop(x, *p["crop"], view.size, p["flip"]).clamp(0, 1)
     subset = _by_subset(x)
-    x = x.clone() if subset and "crop" not in p else x  # the subset ops write in place: not into the caller's x
+    x = x.clone() if subset and "crop" not in p and not owned else x  # the subset ops write in place
 
     def gray(x):
         if "gray" not in p:
@@ -702,10 +703,9 @@ def apply_view_uint8(x, view, p):
     for each pass. Same parameters, bitwise the same images (tests/test_augment.py)."""
     n = len(x) if not _by_subset(x) else max(1, _CHUNK_BYTES // (4 * x.shape[1:].numel()))
     if n >= len(x):
-        return apply_view(x.float().div_(255), view, p)
-    return torch.cat(
-        [apply_view(x[i : i + n].float().div_(255), view, _rows(p, i, i + n)) for i in range(0, len(x), n)]
-    )
+        return apply_view(x.div(255), view, p, owned=True)
+    chunks = range(0, len(x), n)
+    return torch.cat([apply_view(x[i : i + n].div(255), view, _rows(p, i, i + n), owned=True) for i in chunks])
 
 
 _CHUNK_BYTES = 4 << 20  # float32 bytes per chunk of `apply_view_uint8` on the CPU (within a CPU's L2/L3 cache)
