@@ -954,14 +954,15 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 @torch.no_grad()
-def extract_features(model, split, data, env, size, batch_size=256, workers=8, autocast=nullcontext):
+def extract_features(model, split, data, env, size, batch_size=256, workers=8, autocast=nullcontext, train=False):
     """model(x) for every image of a split (no augmentation), in order, on every rank: each rank embeds the
-    images rank, rank + W, rank + 2W, ... and an all_gather puts them back in order."""
+    images rank, rank + W, rank + 2W, ... and an all_gather puts them back in order. `train`: the model in train
+    mode (BN on each batch's statistics, its running statistics updated), else in eval mode."""
     n, world = len(split), env.world_size
     idx = torch.arange(env.rank, n, world)
     idx = torch.cat([idx, idx[-1:].expand(math.ceil(n / world) - len(idx))])  # equal lengths for all_gather
     was_training = model.training
-    model.eval()
+    model.train(train)
     feats = []
     if split.images is not None:
         for chunk in idx.split(batch_size):
