@@ -132,7 +132,8 @@ parser.add_argument(
     "--bank-init",
     default=None,
     choices=["random", "embed"],
-    help="random: lemniscate's U(-s, s) rows; embed: each row the starting encoder's embedding (recipe; not CMC's)",
+    help="random: lemniscate's U(-s, s) rows; embed: each row the starting encoder's embedding, one extra forward "
+    "pass over the training set (recipe: the built-in demo's; not CMC's)",
 )
 
 # train_CMC.py --model resnet50v2 (two ResNet-50s of width 1: torchvision's resnet50 apart from conv1): batch
@@ -268,14 +269,17 @@ def learning_rate(step, steps_per_epoch, args):
 # --nce-k 0); the cross-view pairing (f_l against V_ab, f_ab against V_l) is in TRAIN below.
 def fill_banks(model, bank_l, bank_ab, data, env, args, autocast):
     """Deviation (`--bank-init embed`, the built-in demo's recipe): before the first step, V_l[i] and V_ab[i] are
-    set to the starting encoders' embeddings f_l and f_ab of training image i, un-augmented, with BN on each
-    batch's statistics as in training (`extract_features(train=True)`, which gathers every rank's rows). With
-    lemniscate's random rows a short run spends its first epochs fitting noise targets: on the built-in data the
-    tiny encoders fell below their starting kNN accuracy in every recipe tried (README, "CMC on the CPU")."""
+    set to the starting encoders' embeddings f_l and f_ab of training image i, un-augmented, in train mode
+    (`extract_features(train=True)`: BN on the statistics of near-equal batches of at most 256 images per
+    process, its running statistics updated too; every rank's rows gathered), re-normalised in float32 (a bf16
+    embedding is off unit length by up to 0.4%). With lemniscate's random rows a short run spends its first
+    epochs fitting noise targets: on the built-in data the tiny encoders fell below their starting kNN accuracy
+    in every recipe tried (README, "CMC on the CPU"). Costs one forward pass over the training set."""
     kw = dict(workers=args.workers, autocast=autocast, train=True)
     both = extract_features(BothViews(model, embed=True), data.train, data, env, args.image_size, **kw)  # (N, 2 dim)
-    bank_l.memory.copy_(both[:, : args.dim])
-    bank_ab.memory.copy_(both[:, args.dim :])
+    f_l, f_ab = F.normalize(both.unflatten(1, (2, args.dim)), dim=2).unbind(1)
+    bank_l.memory.copy_(f_l)
+    bank_ab.memory.copy_(f_ab)
 
 
 def embedding_knn(name, model, train_f, data, env, args, autocast):
@@ -339,6 +343,8 @@ def main():
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
     elif args.bank_init == "embed":  # the rows start as the starting encoders' embeddings, not noise
+        if env.is_main:
+            print(f"cmc: filling both banks with the starting encoders' embeddings of {len(data.train)} images")
         fill_banks(model, bank_l, bank_ab, data, env, args, autocast)
 
     def save():

@@ -957,15 +957,17 @@ class _ListSampler(torch.utils.data.Sampler):
 def extract_features(model, split, data, env, size, batch_size=256, workers=8, autocast=nullcontext, train=False):
     """model(x) for every image of a split (no augmentation), in order, on every rank: each rank embeds the
     images rank, rank + W, rank + 2W, ... and an all_gather puts them back in order. `train`: the model in train
-    mode (BN on each batch's statistics, its running statistics updated), else in eval mode."""
+    mode (BN on each batch's statistics, its running statistics updated), else in eval mode; in train mode the
+    batches are near-equal (at most `batch_size`), so none is a lone image that BN cannot normalise."""
     n, world = len(split), env.world_size
     idx = torch.arange(env.rank, n, world)
     idx = torch.cat([idx, idx[-1:].expand(math.ceil(n / world) - len(idx))])  # equal lengths for all_gather
+    chunks = idx.tensor_split(math.ceil(len(idx) / batch_size)) if train else idx.split(batch_size)
     was_training = model.training
     model.train(train)
     feats = []
     if split.images is not None:
-        for chunk in idx.split(batch_size):
+        for chunk in chunks:
             x = split.images[chunk.to(env.device)].float() / 255
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
@@ -974,8 +976,7 @@ def extract_features(model, split, data, env, size, batch_size=256, workers=8, a
     else:
         loader = torch.utils.data.DataLoader(
             _FolderEval(split.files, size),
-            batch_size=batch_size,
-            sampler=idx.tolist(),
+            batch_sampler=[chunk.tolist() for chunk in chunks],
             num_workers=workers,
             pin_memory=env.device.type == "cuda",
         )
@@ -1660,6 +1661,12 @@ def load_checkpoint(path, method, config, model=None):
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
         raise UserError(f"--resume {path}: an incomplete checkpoint (no {', '.join(missing) or 'model'}); start anew")
+    new = [k for k in sorted(set(config) - set(ckpt["config"])) if k not in RUNTIME_FLAGS]
+    if new:  # flags added to the file after the checkpoint was written
+        raise UserError(
+            f"--resume {path} was written by an older {method}.py, without --{new[0].replace('_', '-')}; resume it "
+            f"with that version of the file or start a new --output-dir"
+        )
     diff = [
         k
         for k in sorted(set(config) | set(ckpt["config"]))

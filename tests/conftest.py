@@ -139,7 +139,6 @@ def builtin_data():
 
 
 @functools.lru_cache
-@functools.lru_cache
 def random_init_knn(seed):
     """kNN top-1 (k 200, T 0.1) on the built-in data of the tiny backbone a CPU run with this seed starts from
     (setup() seeds the global RNG and every method file builds its backbone first), with its batch-norm running

@@ -239,6 +239,8 @@ def test_load_checkpoint_refuses_incomplete_other_and_non_finite_checkpoints(tmp
         "incomplete": ({k: v for k, v in good.items() if k != "optimizer"}, "incomplete checkpoint (no optimizer)"),
         "other model": (good | {"model": nn.Linear(2, 3).state_dict()}, "another version of the file"),
         "nan weight": (good | {"model": {"weight": torch.full((2, 2), math.nan), "bias": torch.zeros(2)}}, "weight"),
+        "other lr": (good | {"config": {"lr": 0.2}}, "was trained with lr=0.2, but this run has lr=0.1"),
+        "older file": (good | {"config": {}}, "written by an older simsiam.py, without --lr"),  # a flag added since
     }
     for name, (ckpt, error) in cases.items():
         path = tmp_path / f"{name}.pt"
