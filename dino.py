@@ -178,14 +178,15 @@ RECIPES = {
     # Deviation: no official small-image recipe; solo-learn's CIFAR DINO (scripts/pretrain/cifar/dino.yaml,
     # solo/methods/dino.py defaults): CIFAR ResNet-18, batch 256, LARS lr 0.3 * bs/256 (eta 0.02, LARC clip, bias
     # and norm excluded), wd 1e-6 (constant), 10 warmup epochs, cosine to 0, 1000 epochs; K 4096, head 2048 -> 256;
-    # teacher momentum 0.9995 -> 1; tau_t 0.04 -> 0.07 over 50 epochs (DINO's --warmup_teacher_temperature(_epochs)
-    # defaults there), no grad clip, last layer frozen 1 epoch; two 32-px crops from
+    # teacher momentum 0.9995 -> 1; tau_t 0.07 throughout (warmup_teacher_temperature_epochs defaults to 0 in the
+    # omegaconf solo-learn that dino.yaml belongs to; its older argparse scripts warmed up from 0.04 over 50
+    # epochs), no grad clip, last layer frozen 1 epoch; two 32-px crops from
     # (0.08, 1), no blur, solarize 0 / 0.2 (augmentations/asymmetric.yaml). `--local-crops N` adds N local crops as
     # solo-learn's only multi-crop CIFAR recipe (scripts/pretrain/cifar-multicrop/augmentations/swav.yaml, 6 x 18
     # px from (0.08, 0.5), its globals from (0.2, 1)). kNN k 200, T 0.1 (InstDisc).
     "small": dict(arch="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, min_lr=0.0)
     | dict(warmup_epochs=10, wd=1e-6, wd_end=1e-6, lars_eta=0.02, lars_clip=True, clip_grad=0.0, out_dim=4096)
-    | dict(momentum_teacher=0.9995, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=50)
+    | dict(momentum_teacher=0.9995, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
     | dict(drop_path=0.0, crop_min=0.08, local_crops=0, local_size=18, local_scale_min=0.08, local_scale_max=0.5)
     | dict(knn_k=200, knn_t=0.1, hidden_dim=2048, freeze_last_layer=1, use_bn_in_head=False),
     # `python dino.py`: the built-in shapes as a few-minute demo (pick_recipe uses the tiny backbone on CPUs).
@@ -195,7 +196,7 @@ RECIPES = {
     # the student by 4-8 kNN points at 200-390 steps; 0.97 and 0.96 collapsed on some seeds: with the teacher's EMA
     # window close to the centre's 10 steps, the centre lags the teacher's drift). No lr warmup and no frozen last
     # layer (with both, one epoch each, the student's kNN was 38.5% at 100 steps and 47.1% at 200; without, 45.8%
-    # at 150). byol.py's demo optimizer, LARS with the ImageNet eta 1e-3 and no clipping, at lr 3.0 (2.0: teacher
+    # at 150). byol.py's demo LARS form (the ImageNet eta 1e-3, no clipping; wd 1e-6 kept) at lr 3.0 (2.0: teacher
     # 41.0% at 150 steps, 3.0: 42.7%; solo-learn's eta 0.02 with clipping at lr 0.3: 36.3% at 100). BN in the
     # head (main_dino.py / solo-learn --use_bn_in_head): the tiny net's features share most of their direction
     # (mean cosine 0.77), so without BN the teacher's scores barely differ between images and it stayed uniform.

@@ -111,6 +111,17 @@ TINY += " --no-embed-bn"
 FOLDER = "--arch tiny --image-size 32 --workers 0 --eval-every -1 --dim 8 --nce-k 4 --batch-size 4 --epochs 2"
 
 
+def run_main(monkeypatch, flags):
+    """cmc.py's main() in this process with these flags, its SIGTERM / SIGINT handlers removed afterwards."""
+    monkeypatch.setattr(sys, "argv", ["cmc.py", *flags])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        M.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 @pytest.mark.parametrize("loss", ["--no-softmax --nce-k 16", "--softmax --nce-k 16"])
 def test_two_real_steps_cross_view_scores_bank_updates_and_logged_loss(tmp_path, monkeypatch, loss):
     """cmc.py's unmodified main() in this process, with CMC.forward and MemoryBank.forward wrapped to record what
@@ -132,15 +143,7 @@ def test_two_real_steps_cross_view_scores_bank_updates_and_logged_loss(tmp_path,
     monkeypatch.setattr(M.CMC, "forward", recording_forward)
     monkeypatch.setattr(M.MemoryBank, "forward", recording_bank)
     out = tmp_path / "run"
-    monkeypatch.setattr(
-        sys, "argv", ["cmc.py", *TINY.split(), *loss.split(), "--max-steps", "2", "--output-dir", str(out)]
-    )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        M.main()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    run_main(monkeypatch, [*TINY.split(), *loss.split(), "--max-steps", "2", "--output-dir", str(out)])
     assert [e[0] for e in seen] == ["model", "bank", "bank"] * 2
     (_, (fl0, fab0)), (_, v_ab0, a0, idx0, noise0, z0), (_, v_l0, b0, _, _, _) = seen[:3]
     (_, _), (_, v_ab1, a1, idx1, _, z1), (_, v_l1, b1, _, _, _) = seen[3:]
@@ -187,13 +190,7 @@ def test_bank_init_embed_sets_each_row_to_the_starting_embedding(tmp_path, monke
     monkeypatch.setattr(M.MemoryBank, "forward", recording_bank)
     root = image_folder(16, n_val=0)
     flags = [*FOLDER.split(), "--data", str(root), "--bank-init", "embed", "--embed-bn"]
-    monkeypatch.setattr(sys, "argv", ["cmc.py", *flags, "--max-steps", "1", "--output-dir", str(tmp_path / "r")])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        M.main()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    run_main(monkeypatch, [*flags, "--max-steps", "1", "--output-dir", str(tmp_path / "r")])
     assert [e[0] for e in seen] == ["model", "model", "bank", "bank"]  # the filling pass, then step 0
     (_, (f_l, f_ab), training, w0, x_l), (_, _, _, w1, _), (_, v_ab), (_, v_l) = seen  # f_l is scored against V_ab
     assert training and len(f_l) == 16 and torch.equal(w0, w1)
