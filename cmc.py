@@ -216,9 +216,11 @@ class CMC(nn.Module):
     def __init__(self, backbone_l, backbone_ab, dim=128, embed_bn=False):
         super().__init__()
         self.backbone_l, self.backbone_ab = backbone_l, backbone_ab
-        fc = lambda backbone: nn.Sequential(nn.Linear(backbone.out_dim, dim), nn.BatchNorm1d(dim))
-        if not embed_bn:
-            fc = lambda backbone: nn.Linear(backbone.out_dim, dim)
+
+        def fc(backbone):
+            linear = nn.Linear(backbone.out_dim, dim)
+            return nn.Sequential(linear, nn.BatchNorm1d(dim)) if embed_bn else linear
+
         self.fc_l, self.fc_ab = fc(backbone_l), fc(backbone_ab)
 
     def forward(self, x_l, x_ab):
